@@ -1,0 +1,153 @@
+use std::path::Path;
+
+use super::*;
+
+const MINIMAL: &str = "\
+listener:
+  address: 127.0.0.1:8443
+  tls: {cert: server.pem, key: server-key.pem}
+trust_domains:
+  - {name: example.org, bundle: bundle.pem}
+upstream:
+  address: 127.0.0.1:8080
+registry:
+  agents:
+    - id: spiffe://example.org/agents/triage
+      owner: alice@example.com
+      expires: 2027-06-30
+policy:
+  schema: tether.cedarschema
+  policies: policies
+routes:
+  - method: GET
+    path: /v1/repos/{repo}/issues
+    action: ListIssues
+    resource: {type: Repo, id: '{repo}'}
+";
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_yaml(text, Path::new("tether.yaml"))
+}
+
+#[test]
+fn a_minimal_config_parses_with_defaults_filled_in() {
+    let c = parse(MINIMAL).expect("minimal config");
+    assert_eq!(c.admin.address, "127.0.0.1:9901");
+    assert_eq!(c.cache.max_entries, 100_000);
+    assert_eq!(c.server.threads, 1);
+    assert_eq!(c.audit.output, "stdout");
+    assert!(c.telemetry.otlp.is_none());
+    assert_eq!(c.registry.agents[0].state, AgentState::Active);
+}
+
+#[test]
+fn an_unknown_field_is_refused_with_its_path_and_position() {
+    let text = MINIMAL.replace(
+        "    action: ListIssues\n",
+        "    action: ListIssues\n    acton: Typo\n",
+    );
+    let e = parse(&text).expect_err("unknown field");
+    assert_eq!(e.field, "routes[0]");
+    assert!(e.message.contains("unknown field `acton`"), "{}", e.message);
+    assert_eq!(e.position.map(|p| p.0), Some(20));
+    assert!(e.to_string().starts_with("tether.yaml:20:"), "{e}");
+}
+
+#[test]
+fn a_wrong_type_names_the_field() {
+    let text = MINIMAL.replace("ttl", "").replace(
+        "upstream:\n  address: 127.0.0.1:8080\n",
+        "upstream:\n  address: 127.0.0.1:8080\ncache: {max_entries: lots}\n",
+    );
+    let e = parse(&text).expect_err("bad type");
+    assert_eq!(e.field, "cache.max_entries");
+}
+
+#[test]
+fn validation_reports_every_problem_with_its_path() {
+    let text = MINIMAL
+        .replace("address: 127.0.0.1:8080", "address: localhost")
+        .replace("owner: alice@example.com", "owner: '  '")
+        .replace("id: '{repo}'", "id: '{owner}'")
+        .replace("method: GET", "method: get");
+    let c = parse(&text).expect("parses");
+    let errors = c.validate();
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    for expected in [
+        "upstream.address",
+        "registry.agents[0].owner",
+        "routes[0].resource.id",
+        "routes[0].method",
+        // files are relative to a folder that does not hold them
+        "listener.tls.cert",
+        "policy.schema",
+    ] {
+        assert!(
+            fields.contains(&expected),
+            "{expected} missing from {fields:?}"
+        );
+    }
+}
+
+#[test]
+fn agents_outside_the_trust_domains_are_refused() {
+    let text = MINIMAL.replace(
+        "spiffe://example.org/agents/triage",
+        "spiffe://other.org/agents/triage",
+    );
+    let errors = parse(&text).expect("parses").validate();
+    let e = errors
+        .iter()
+        .find(|e| e.field == "registry.agents[0].id")
+        .expect("agent id error");
+    assert!(e.message.contains("`other.org`"), "{}", e.message);
+}
+
+#[test]
+fn load_locates_validation_errors_in_the_file() {
+    let dir = tempdir();
+    let path = dir.join("tether.yaml");
+    std::fs::write(
+        &path,
+        MINIMAL.replace("address: 127.0.0.1:8080", "address: localhost"),
+    )
+    .expect("write");
+    let errors = Config::load(&path).expect_err("invalid").0;
+    let e = errors
+        .iter()
+        .find(|e| e.field == "upstream.address")
+        .expect("upstream error");
+    assert_eq!(e.file, path);
+    assert_eq!(e.position, Some((7, 12)));
+}
+
+#[test]
+fn relative_paths_resolve_against_the_config_folder() {
+    let mut c = parse(MINIMAL).expect("parses");
+    c.resolve_paths(Path::new("/etc/tether"));
+    assert_eq!(c.listener.tls.cert, Path::new("/etc/tether/server.pem"));
+    assert_eq!(c.policy.policies, Path::new("/etc/tether/policies"));
+    assert_eq!(c.audit.output, "stdout");
+}
+
+#[test]
+fn template_params_are_whole_names() {
+    assert_eq!(
+        template_params("/v1/{owner}/{repo}").expect("valid"),
+        vec!["owner".to_string(), "repo".to_string()]
+    );
+    assert!(template_params("v1/x").is_err());
+    assert!(template_params("/v1/{a").is_err());
+    assert!(template_params("/v1/{a}/{a}").is_err());
+    assert!(template_params("/v1/{a-b}").is_err());
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tether-config-test-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}

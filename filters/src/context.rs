@@ -1,0 +1,118 @@
+//! The per-request context the stages fill in, in chain order.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tether_config::spiffe::SpiffeId;
+
+use crate::authorize::Decision;
+use crate::identity::PeerIdentity;
+use crate::lifecycle::Agent;
+use crate::route::RouteMatch;
+use crate::{Denial, Snapshot};
+
+/// How the caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdentityKind {
+    /// A SPIFFE X.509-SVID presented on the mTLS connection.
+    X509Svid,
+}
+
+impl IdentityKind {
+    /// The name policy and records use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::X509Svid => "x509_svid",
+        }
+    }
+}
+
+/// A verified caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The workload's SPIFFE ID.
+    pub id: SpiffeId,
+    /// How it was verified.
+    pub kind: IdentityKind,
+}
+
+/// A request id: random, printed as 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Everything known about one request. Stages fill it in order: a field
+/// is `None` until the stage that owns it has run (and stays `None` if an
+/// earlier stage denied).
+pub struct RequestCtx {
+    /// Random id returned to the caller and recorded everywhere.
+    pub request_id: RequestId,
+    /// When the request arrived.
+    pub started: SystemTime,
+    /// Config, registry, routes and policies, one version for the whole
+    /// request: a reload mid-request never mixes two versions.
+    pub snapshot: Arc<Snapshot>,
+    /// The TCP peer's address.
+    pub client_addr: Option<IpAddr>,
+    /// The verified peer certificate identity, from the TLS handshake.
+    pub peer: Option<Arc<PeerIdentity>>,
+    /// The normalized path (no query), as routed, decided and forwarded.
+    pub path: String,
+    /// identity: the verified caller.
+    pub principal: Option<Principal>,
+    /// lifecycle: the registered agent behind the principal.
+    pub agent: Option<Arc<Agent>>,
+    /// route: the matched route and the resource it names.
+    pub route: Option<RouteMatch>,
+    /// authorize: Cedar's decision.
+    pub decision: Option<Arc<Decision>>,
+    /// authorize: whether the decision came from the cache.
+    pub cache_hit: Option<bool>,
+    /// The refusal, if a stage refused.
+    pub denial: Option<Denial>,
+    /// The stage that refused.
+    pub denied_by: Option<&'static str>,
+}
+
+impl RequestCtx {
+    /// A fresh context for a request served under `snapshot`.
+    pub fn new(snapshot: Arc<Snapshot>) -> RequestCtx {
+        RequestCtx {
+            request_id: RequestId(rand_u64()),
+            started: SystemTime::now(),
+            snapshot,
+            client_addr: None,
+            peer: None,
+            path: String::new(),
+            principal: None,
+            agent: None,
+            route: None,
+            decision: None,
+            cache_hit: None,
+            denial: None,
+            denied_by: None,
+        }
+    }
+}
+
+/// A random u64 from the standard library's per-process random hasher
+/// keys, mixed with a counter: unique per process, unpredictable enough
+/// for a request id (it is not a secret).
+fn rand_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static KEYS: OnceLock<RandomState> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = KEYS.get_or_init(RandomState::new).build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}

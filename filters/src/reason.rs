@@ -1,0 +1,161 @@
+//! Why a request was allowed or refused: the one place where a cause maps
+//! to an HTTP status and the words a caller sees.
+
+use std::borrow::Cow;
+
+/// The outcome of a request, as a stable code used in responses, audit
+/// lines, spans and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Every stage passed and policy permitted the request.
+    Allowed,
+    /// The path could not be normalized (bad percent-encoding, NUL, not
+    /// origin form).
+    BadPath,
+    /// No verified workload identity came with the request.
+    NoIdentity,
+    /// The identity is not a registered agent.
+    Unregistered,
+    /// The agent's registration has expired.
+    Expired,
+    /// The agent is suspended or offboarded.
+    Inactive,
+    /// No route matches the method and path.
+    NoRoute,
+    /// Cedar policy did not permit the request.
+    PolicyDenied,
+    /// A policy failed to evaluate; Tether denies rather than guess.
+    PolicyError,
+    /// The upstream could not be reached or failed mid-response.
+    UpstreamError,
+    /// Tether itself failed; the request was not forwarded.
+    Internal,
+}
+
+impl Reason {
+    /// Every reason, for pre-registering metric labels.
+    pub const ALL: [Reason; 11] = [
+        Reason::Allowed,
+        Reason::BadPath,
+        Reason::NoIdentity,
+        Reason::Unregistered,
+        Reason::Expired,
+        Reason::Inactive,
+        Reason::NoRoute,
+        Reason::PolicyDenied,
+        Reason::PolicyError,
+        Reason::UpstreamError,
+        Reason::Internal,
+    ];
+
+    /// The stable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::BadPath => "bad_path",
+            Reason::NoIdentity => "no_identity",
+            Reason::Unregistered => "unregistered",
+            Reason::Expired => "expired",
+            Reason::Inactive => "inactive",
+            Reason::NoRoute => "no_route",
+            Reason::PolicyDenied => "policy_denied",
+            Reason::PolicyError => "policy_error",
+            Reason::UpstreamError => "upstream_error",
+            Reason::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status a refusal gets. Every authorization refusal is a
+    /// 403, so a caller cannot tell a missing route from a forbidden one.
+    pub fn status(self) -> u16 {
+        match self {
+            Reason::Allowed => 200,
+            Reason::BadPath => 400,
+            Reason::NoIdentity => 401,
+            Reason::Unregistered
+            | Reason::Expired
+            | Reason::Inactive
+            | Reason::NoRoute
+            | Reason::PolicyDenied
+            | Reason::PolicyError => 403,
+            Reason::UpstreamError => 502,
+            Reason::Internal => 500,
+        }
+    }
+
+    /// What the caller is told. Nothing about the policies' contents.
+    pub fn message(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::BadPath => "the request path is malformed",
+            Reason::NoIdentity => "no verified workload identity was presented",
+            Reason::Unregistered => "the identity is not a registered agent",
+            Reason::Expired => "the agent's registration has expired",
+            Reason::Inactive => "the agent is suspended or offboarded",
+            Reason::NoRoute | Reason::PolicyDenied => "the request is not permitted",
+            Reason::PolicyError => "the request could not be authorized",
+            Reason::UpstreamError => "the upstream service failed",
+            Reason::Internal => "internal error",
+        }
+    }
+
+    /// Whether the request was let through.
+    pub fn is_allowed(self) -> bool {
+        self == Reason::Allowed
+    }
+}
+
+/// A refusal: the reason, and a detail for the audit record and logs (never
+/// sent to the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// Why.
+    pub reason: Reason,
+    /// What exactly, for operators.
+    pub detail: Cow<'static, str>,
+}
+
+impl Denial {
+    /// A denial with a detail.
+    pub fn new(reason: Reason, detail: impl Into<Cow<'static, str>>) -> Denial {
+        Denial {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// The JSON body sent to the caller: `{"error", "reason", "request_id"}`.
+    pub fn body(&self, request_id: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "error": self.reason.message(),
+            "reason": self.reason.code(),
+            "request_id": request_id,
+        }))
+        .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_statuses_are_refusals() {
+        let mut codes: Vec<_> = Reason::ALL.iter().map(|r| r.code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), Reason::ALL.len());
+        for r in Reason::ALL.into_iter().filter(|r| !r.is_allowed()) {
+            assert!(r.status() >= 400, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn the_body_names_the_reason_and_nothing_of_the_detail() {
+        let d = Denial::new(Reason::PolicyDenied, "forbid policy `secret-rule`");
+        let body: serde_json::Value = serde_json::from_slice(&d.body("abc")).expect("json");
+        assert_eq!(body["reason"], "policy_denied");
+        assert_eq!(body["request_id"], "abc");
+        assert!(!String::from_utf8_lossy(&d.body("abc")).contains("secret-rule"));
+    }
+}

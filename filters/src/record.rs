@@ -1,0 +1,401 @@
+//! Who is accountable for what happened: one audit line and one set of
+//! metrics per request, for every outcome, denials and errors included.
+//!
+//! [`AuditRecord`] is the one statement of a request's facts; the audit
+//! line is it serialized, and the proxy's span attributes are read from it,
+//! so the two can never disagree.
+
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::{Reason, RequestCtx};
+
+/// Tether's Prometheus metrics, all prefixed `tether_`.
+pub struct Metrics {
+    /// The registry `/metrics` serves.
+    pub registry: Registry,
+    requests: Vec<IntCounter>,
+    request_duration: Histogram,
+    /// Decisions answered from the cache.
+    pub cache_hits: IntCounter,
+    /// Decisions evaluated by Cedar.
+    pub cache_misses: IntCounter,
+    /// Decisions held in the cache, set at scrape time.
+    pub cache_entries: IntGauge,
+    /// Audit lines dropped because the writer fell behind.
+    pub audit_dropped: IntCounter,
+    /// Spans dropped because the exporter fell behind.
+    pub spans_dropped: IntCounter,
+    /// Client certificates refused during the TLS handshake, by reason.
+    pub client_cert_rejected: IntCounterVec,
+    /// The generation of the snapshot serving requests.
+    pub config_generation: IntGauge,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests_vec = IntCounterVec::new(
+            Opts::new(
+                "tether_requests_total",
+                "Requests handled, by decision (allow or deny) and reason code.",
+            ),
+            &["decision", "reason"],
+        )?;
+        registry.register(Box::new(requests_vec.clone()))?;
+        // One handle per reason, resolved now: no label lookup per request,
+        // and every series exists from the start (at zero).
+        let requests = Reason::ALL
+            .iter()
+            .map(|r| requests_vec.with_label_values(&[decision_label(*r), r.code()]))
+            .collect();
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tether_request_duration_seconds",
+                "Time from request arrival to the end of the response, all outcomes.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
+            ]),
+        )?;
+        registry.register(Box::new(request_duration.clone()))?;
+        let client_cert_rejected = IntCounterVec::new(
+            Opts::new(
+                "tether_client_cert_rejected_total",
+                "Client certificates refused during the TLS handshake, by reason.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(client_cert_rejected.clone()))?;
+        Ok(Metrics {
+            requests,
+            request_duration,
+            cache_hits: counter(
+                "tether_decision_cache_hits_total",
+                "Authorization decisions answered from the cache.",
+            )?,
+            cache_misses: counter(
+                "tether_decision_cache_misses_total",
+                "Authorization decisions evaluated by Cedar.",
+            )?,
+            cache_entries: gauge(
+                "tether_decision_cache_entries",
+                "Decisions held in the cache.",
+            )?,
+            audit_dropped: counter(
+                "tether_audit_dropped_total",
+                "Audit lines dropped because the writer fell behind.",
+            )?,
+            spans_dropped: counter(
+                "tether_spans_dropped_total",
+                "Spans dropped because the exporter fell behind or failed.",
+            )?,
+            config_generation: gauge(
+                "tether_config_generation",
+                "Generation of the configuration serving requests.",
+            )?,
+            client_cert_rejected,
+            registry,
+        })
+    }
+
+    /// Counts one finished request.
+    pub fn observe(&self, reason: Reason, elapsed: Duration) {
+        if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
+            self.requests[i].inc();
+        }
+        self.request_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// The count of requests with `reason` so far.
+    pub fn requests(&self, reason: Reason) -> u64 {
+        Reason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.requests[i].get())
+    }
+}
+
+fn decision_label(reason: Reason) -> &'static str {
+    if reason.is_allowed() {
+        "allow"
+    } else {
+        "deny"
+    }
+}
+
+/// The facts of one finished request.
+#[derive(Debug, Serialize)]
+pub struct AuditRecord<'a> {
+    /// When the request arrived, RFC 3339 UTC.
+    pub time: String,
+    /// Tether's request id.
+    pub request_id: String,
+    /// The trace the request's span belongs to, when tracing is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The reason code.
+    pub reason: &'static str,
+    /// The stage that refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<&'static str>,
+    /// What exactly went wrong, for operators.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
+    /// The caller's verified identity.
+    pub agent: Option<&'a str>,
+    /// How it was verified.
+    pub identity_kind: Option<&'static str>,
+    /// The agent's human owner.
+    pub owner: Option<&'a str>,
+    /// The owner's team.
+    pub team: Option<&'a str>,
+    /// HTTP method.
+    pub method: &'a str,
+    /// The normalized path.
+    pub path: &'a str,
+    /// The matched route template.
+    pub route: Option<&'a str>,
+    /// The Cedar action.
+    pub action: Option<String>,
+    /// The Cedar resource.
+    pub resource: Option<String>,
+    /// The policies that determined the decision.
+    pub policies: &'a [String],
+    /// Whether the decision came from the cache.
+    pub cached: Option<bool>,
+    /// The HTTP status sent to the caller.
+    pub status: u16,
+    /// The TCP peer address.
+    pub client: Option<String>,
+    /// Milliseconds from arrival to the end of the response.
+    pub duration_ms: f64,
+    /// The configuration generation the request was decided under.
+    pub generation: u64,
+    /// The agent's review date has passed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub review_overdue: bool,
+}
+
+impl<'a> AuditRecord<'a> {
+    /// The record of a finished request. `reason` is the final outcome
+    /// (a stage's denial, or what happened upstream).
+    pub fn new(
+        ctx: &'a RequestCtx,
+        method: &'a str,
+        reason: Reason,
+        status: u16,
+        trace_id: Option<String>,
+    ) -> AuditRecord<'a> {
+        let started = OffsetDateTime::from(ctx.started);
+        let route = ctx
+            .route
+            .as_ref()
+            .and_then(|m| ctx.snapshot.routes.get(m.index).map(|r| (m, r)));
+        AuditRecord {
+            time: started
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            request_id: ctx.request_id.to_string(),
+            trace_id,
+            decision: decision_label(reason),
+            reason: reason.code(),
+            stage: ctx.denied_by,
+            detail: ctx.denial.as_ref().map(|d| d.detail.as_ref()),
+            agent: ctx.principal.as_ref().map(|p| p.id.as_str()),
+            identity_kind: ctx.principal.as_ref().map(|p| p.kind.as_str()),
+            owner: ctx.agent.as_deref().map(|a| &*a.owner),
+            team: ctx.agent.as_deref().map(|a| &*a.team),
+            method,
+            path: &ctx.path,
+            route: route.map(|(_, r)| &*r.template),
+            action: route.map(|(_, r)| r.action_uid.to_string()),
+            resource: route.map(|(m, r)| format!("{}::{:?}", r.resource_type, m.resource_id)),
+            policies: ctx.decision.as_deref().map_or(&[], |d| &d.policies),
+            cached: ctx.cache_hit,
+            status,
+            client: ctx.client_addr.map(|a| a.to_string()),
+            duration_ms: SystemTime::now()
+                .duration_since(ctx.started)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1000.0,
+            generation: ctx.snapshot.generation,
+            review_overdue: ctx
+                .agent
+                .as_deref()
+                .is_some_and(|a| a.review_overdue(started)),
+        }
+    }
+}
+
+/// Writes audit lines on a thread of its own, so a slow disk or a full pipe
+/// never holds up a request. The queue is bounded: past it, lines are
+/// dropped and counted, never buffered without limit.
+pub struct AuditSink {
+    tx: SyncSender<Vec<u8>>,
+    dropped: IntCounter,
+}
+
+impl AuditSink {
+    /// Starts the writer for `output` (`stdout`, `stderr` or a file path,
+    /// appended to), holding at most `max_queue` lines.
+    pub fn start(
+        output: &str,
+        max_queue: usize,
+        dropped: IntCounter,
+    ) -> std::io::Result<(AuditSink, JoinHandle<()>)> {
+        let writer: Box<dyn Write + Send> = match output {
+            "stdout" => Box::new(std::io::stdout()),
+            "stderr" => Box::new(std::io::stderr()),
+            path => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        let (tx, rx) = sync_channel(max_queue);
+        let handle = std::thread::Builder::new()
+            .name("tether-audit".into())
+            .spawn(move || write_lines(rx, writer))?;
+        Ok((AuditSink { tx, dropped }, handle))
+    }
+
+    /// Queues one record.
+    pub fn write(&self, record: &AuditRecord<'_>) {
+        let Ok(mut line) = serde_json::to_vec(record) else {
+            self.dropped.inc();
+            return;
+        };
+        line.push(b'\n');
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+fn write_lines(rx: Receiver<Vec<u8>>, writer: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::new(writer);
+    // Block for the first line, take whatever else is queued, then flush:
+    // lines reach the file promptly without a write call per line.
+    while let Ok(line) = rx.recv() {
+        let mut ok = out.write_all(&line).is_ok();
+        while let Ok(line) = rx.try_recv() {
+            ok &= out.write_all(&line).is_ok();
+        }
+        ok &= out.flush().is_ok();
+        if !ok {
+            log::error!("cannot write audit lines");
+        }
+    }
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+    use crate::{Denial, Reason};
+
+    #[test]
+    fn an_allowed_request_is_recorded_with_its_owner_and_policies() {
+        let mut ctx = testing::ctx_for(testing::ALICE_BOT, "GET", "/v1/repos/tether/issues");
+        ctx.decision = Some(std::sync::Arc::new(crate::authorize::Decision {
+            allowed: true,
+            policies: vec!["read-repos".into()],
+            errors: vec![],
+        }));
+        ctx.cache_hit = Some(true);
+        let record = AuditRecord::new(&ctx, "GET", Reason::Allowed, 200, Some("ab".into()));
+        let json: serde_json::Value =
+            serde_json::from_slice(&serde_json::to_vec(&record).expect("json")).expect("parse");
+        assert_eq!(json["decision"], "allow");
+        assert_eq!(json["agent"], testing::ALICE_BOT);
+        assert_eq!(json["owner"], "alice@example.com");
+        assert_eq!(json["route"], "/v1/repos/{repo}/issues");
+        assert_eq!(json["action"], "Action::\"ListIssues\"");
+        assert_eq!(json["resource"], "Repo::\"tether\"");
+        assert_eq!(json["policies"][0], "read-repos");
+        assert_eq!(json["cached"], true);
+        assert_eq!(json["trace_id"], "ab");
+        assert!(json.get("stage").is_none());
+    }
+
+    #[test]
+    fn a_denial_is_recorded_with_its_stage_and_detail() {
+        let mut ctx = testing::ctx();
+        ctx.path = "/x".into();
+        ctx.denial = Some(Denial::new(Reason::NoIdentity, "no client certificate"));
+        ctx.denied_by = Some("identity");
+        let record = AuditRecord::new(&ctx, "GET", Reason::NoIdentity, 401, None);
+        assert_eq!(record.decision, "deny");
+        assert_eq!(record.reason, "no_identity");
+        assert_eq!(record.stage, Some("identity"));
+        assert_eq!(record.detail, Some("no client certificate"));
+        assert_eq!(record.agent, None);
+    }
+
+    #[test]
+    fn the_sink_writes_lines_and_counts_what_it_drops() {
+        let metrics = Metrics::new().expect("metrics");
+        let path = std::env::temp_dir().join(format!("tether-audit-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let (sink, handle) = AuditSink::start(
+            path.to_str().expect("utf-8"),
+            4,
+            metrics.audit_dropped.clone(),
+        )
+        .expect("sink");
+        let ctx = testing::ctx();
+        for _ in 0..3 {
+            sink.write(&AuditRecord::new(&ctx, "GET", Reason::NoRoute, 403, None));
+        }
+        drop(sink);
+        handle.join().expect("writer");
+        let text = std::fs::read_to_string(&path).expect("audit file");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(text.lines().count() as u64 + metrics.audit_dropped.get(), 3);
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+            assert_eq!(v["reason"], "no_route");
+        }
+    }
+
+    #[test]
+    fn metrics_count_by_reason() {
+        let m = Metrics::new().expect("metrics");
+        m.observe(Reason::Allowed, Duration::from_micros(50));
+        m.observe(Reason::PolicyDenied, Duration::from_micros(50));
+        m.observe(Reason::PolicyDenied, Duration::from_micros(50));
+        assert_eq!(m.requests(Reason::Allowed), 1);
+        assert_eq!(m.requests(Reason::PolicyDenied), 2);
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&m.registry.gather())
+            .expect("encode");
+        assert!(
+            text.contains("tether_requests_total{decision=\"deny\",reason=\"policy_denied\"} 2")
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! What the request does, in Cedar's terms: method and normalized path
+//! matched against route templates give an action and a resource.
+
+use std::sync::Arc;
+
+use cedar_policy::{EntityId, EntityTypeName, EntityUid};
+use pingora_http::RequestHeader;
+use tether_config::{Methods, Route};
+
+use crate::{Denial, Filter, Reason, RequestCtx};
+
+enum Segment {
+    Literal(String),
+    Param,
+}
+
+enum IdPart {
+    Literal(String),
+    /// Index of the path parameter, in template order.
+    Param(usize),
+}
+
+/// A route, compiled for matching.
+pub struct CompiledRoute {
+    /// The path template, for records (`http.route`).
+    pub template: Arc<str>,
+    /// The Cedar action id, e.g. `ListIssues`.
+    pub action: Arc<str>,
+    /// The Cedar action.
+    pub action_uid: EntityUid,
+    /// The Cedar resource type.
+    pub resource_type: EntityTypeName,
+    methods: Option<Vec<String>>,
+    segments: Vec<Segment>,
+    resource_id: Vec<IdPart>,
+}
+
+/// A matched route: which one, and the resource id it produced.
+#[derive(Debug, Clone)]
+pub struct RouteMatch {
+    /// Index of the route in the snapshot's table.
+    pub index: usize,
+    /// The resource's entity id.
+    pub resource_id: String,
+}
+
+/// Every route, tried in order; the first match wins.
+#[derive(Default)]
+pub struct RouteTable {
+    routes: Vec<CompiledRoute>,
+}
+
+impl RouteTable {
+    /// Compiles validated routes. Types are resolved in `namespace`.
+    pub fn new(routes: &[Route], namespace: &str) -> Result<RouteTable, (usize, String)> {
+        let mut compiled = Vec::with_capacity(routes.len());
+        for (i, r) in routes.iter().enumerate() {
+            compiled.push(compile(r, namespace).map_err(|e| (i, e))?);
+        }
+        Ok(RouteTable { routes: compiled })
+    }
+
+    /// The route at `index`.
+    pub fn get(&self, index: usize) -> Option<&CompiledRoute> {
+        self.routes.get(index)
+    }
+
+    /// Every route, in match order.
+    pub fn iter(&self) -> impl Iterator<Item = &CompiledRoute> {
+        self.routes.iter()
+    }
+
+    /// The first route matching `method` and the normalized `path`.
+    pub fn find(&self, method: &str, path: &str) -> Option<RouteMatch> {
+        let mut params: Vec<&str> = Vec::new();
+        'routes: for (index, route) in self.routes.iter().enumerate() {
+            if let Some(methods) = &route.methods {
+                if !methods.iter().any(|m| m == method) {
+                    continue;
+                }
+            }
+            params.clear();
+            let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
+            for segment in &route.segments {
+                let Some(part) = parts.next() else {
+                    continue 'routes;
+                };
+                match segment {
+                    Segment::Literal(lit) if lit == part => {}
+                    Segment::Literal(_) => continue 'routes,
+                    Segment::Param if part.is_empty() => continue 'routes,
+                    Segment::Param => params.push(part),
+                }
+            }
+            if parts.next().is_some() {
+                continue;
+            }
+            let mut resource_id = String::new();
+            for part in &route.resource_id {
+                match part {
+                    IdPart::Literal(s) => resource_id.push_str(s),
+                    IdPart::Param(i) => resource_id.push_str(params[*i]),
+                }
+            }
+            return Some(RouteMatch { index, resource_id });
+        }
+        None
+    }
+}
+
+/// `Name` or `Namespace::Name`.
+pub fn qualified(namespace: &str, name: &str) -> String {
+    if namespace.is_empty() {
+        name.to_string()
+    } else {
+        format!("{namespace}::{name}")
+    }
+}
+
+fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
+    let params = tether_config::template_params(&r.path)?;
+    let segments = r
+        .path
+        .strip_prefix('/')
+        .unwrap_or(&r.path)
+        .split('/')
+        .map(|s| {
+            if s.starts_with('{') && s.ends_with('}') {
+                Ok(Segment::Param)
+            } else if s.contains('{') {
+                Err(format!(
+                    "`{}`: a parameter must be a whole path segment",
+                    r.path
+                ))
+            } else {
+                Ok(Segment::Literal(s.to_string()))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut resource_id = Vec::new();
+    let mut rest = r.resource.id.as_str();
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| format!("`{}` has an unclosed `{{`", r.resource.id))?;
+        if open > 0 {
+            resource_id.push(IdPart::Literal(rest[..open].to_string()));
+        }
+        let name = &rest[open + 1..open + close];
+        let i = params
+            .iter()
+            .position(|p| p == name)
+            .ok_or_else(|| format!("`{{{name}}}` is not a parameter of `{}`", r.path))?;
+        resource_id.push(IdPart::Param(i));
+        rest = &rest[open + close + 1..];
+    }
+    if !rest.is_empty() {
+        resource_id.push(IdPart::Literal(rest.to_string()));
+    }
+    let methods = match &r.method {
+        Methods::One(m) if m == "*" => None,
+        Methods::One(m) => Some(vec![m.clone()]),
+        Methods::Many(ms) if ms.iter().any(|m| m == "*") => None,
+        Methods::Many(ms) => Some(ms.clone()),
+    };
+    let action_type: EntityTypeName = qualified(namespace, "Action")
+        .parse()
+        .map_err(|e| format!("action type: {e}"))?;
+    let resource_type: EntityTypeName = qualified(namespace, &r.resource.entity_type)
+        .parse()
+        .map_err(|e| format!("`{}`: {e}", r.resource.entity_type))?;
+    Ok(CompiledRoute {
+        template: r.path.as_str().into(),
+        action: r.action.as_str().into(),
+        action_uid: EntityUid::from_type_name_and_id(action_type, EntityId::new(&r.action)),
+        resource_type,
+        methods,
+        segments,
+        resource_id,
+    })
+}
+
+/// Maps the request to a route, or denies with `no_route`.
+pub struct Routing;
+
+impl Filter for Routing {
+    fn name(&self) -> &'static str {
+        "route"
+    }
+
+    fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
+        let method = req.method.as_str();
+        match ctx.snapshot.routes.find(method, &ctx.path) {
+            Some(m) => {
+                ctx.route = Some(m);
+                Ok(())
+            }
+            None => Err(Denial::new(
+                Reason::NoRoute,
+                format!("no route for `{method} {}`", ctx.path),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    fn table() -> RouteTable {
+        let routes: Vec<Route> = serde_json::from_value(serde_json::json!([
+            {"method": "GET", "path": "/v1/repos/{owner}/{repo}/issues", "action": "ListIssues",
+             "resource": {"type": "Repo", "id": "{owner}/{repo}"}},
+            {"method": ["POST", "PUT"], "path": "/v1/repos/{owner}/{repo}/issues", "action": "WriteIssue",
+             "resource": {"type": "Repo", "id": "{owner}/{repo}"}},
+            {"method": "*", "path": "/v1/admin", "action": "Admin",
+             "resource": {"type": "Api", "id": "admin"}},
+            {"method": "GET", "path": "/v1/{anything}", "action": "Read",
+             "resource": {"type": "Api", "id": "item-{anything}"}},
+        ]))
+        .expect("routes");
+        RouteTable::new(&routes, "").expect("compiles")
+    }
+
+    #[test]
+    fn route_table() {
+        let t = table();
+        for (method, path, expected) in [
+            (
+                "GET",
+                "/v1/repos/acme/tether/issues",
+                Some((0, "acme/tether")),
+            ),
+            (
+                "PUT",
+                "/v1/repos/acme/tether/issues",
+                Some((1, "acme/tether")),
+            ),
+            ("DELETE", "/v1/repos/acme/tether/issues", None),
+            ("DELETE", "/v1/admin", Some((2, "admin"))),
+            ("GET", "/v1/admin", Some((2, "admin"))),
+            ("GET", "/v1/widgets", Some((3, "item-widgets"))),
+            ("GET", "/v1/repos/acme/tether/issues/1", None),
+            ("GET", "/v1/repos/acme/issues", None),
+            ("GET", "/v1/", None),
+            ("GET", "/", None),
+        ] {
+            let got = t.find(method, path);
+            let got = got.as_ref().map(|m| (m.index, m.resource_id.as_str()));
+            assert_eq!(got, expected, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn actions_and_types_are_namespaced() {
+        let routes: Vec<Route> = serde_json::from_value(serde_json::json!([
+            {"method": "GET", "path": "/x", "action": "Read", "resource": {"type": "Doc", "id": "x"}}
+        ]))
+        .expect("routes");
+        let t = RouteTable::new(&routes, "Api").expect("compiles");
+        let r = t.get(0).expect("route");
+        assert_eq!(r.action_uid.to_string(), r#"Api::Action::"Read""#);
+        assert_eq!(r.resource_type.to_string(), "Api::Doc");
+    }
+
+    #[test]
+    fn no_match_is_no_route() {
+        let mut ctx = testing::ctx();
+        ctx.path = "/nowhere".into();
+        let denial = Routing
+            .apply(&mut testing::get("/nowhere"), &mut ctx)
+            .expect_err("denied");
+        assert_eq!(denial.reason, Reason::NoRoute);
+    }
+}

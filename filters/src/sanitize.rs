@@ -1,0 +1,228 @@
+//! The first stage: make the request safe to read.
+//!
+//! It strips every header a caller could use to claim an identity, so no
+//! later stage (and not the upstream) can mistake caller input for verified
+//! fact, and it normalizes the path once. Routing, policy and the upstream
+//! then all see the same path: a request cannot be decided as one path and
+//! served as another.
+
+use pingora_http::RequestHeader;
+
+use crate::{Denial, Filter, Reason, RequestCtx};
+
+/// Headers that carry identity between proxies. Only Tether may set them.
+const SPOOFABLE: &[&str] = &["x-forwarded-client-cert"];
+/// Every header with this prefix is Tether's to set.
+const TETHER_PREFIX: &str = "x-tether-";
+
+/// Strips spoofable headers and normalizes the path.
+pub struct Sanitize;
+
+impl Filter for Sanitize {
+    fn name(&self) -> &'static str {
+        "sanitize"
+    }
+
+    fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
+        strip_identity_headers(req);
+        let uri = &req.uri;
+        let raw_path = uri.path();
+        let path = normalize_path(raw_path)
+            .map_err(|e| Denial::new(Reason::BadPath, format!("path `{raw_path}`: {e}")))?;
+        if path != raw_path {
+            // Forward exactly what was decided.
+            let new_uri = match uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            let parsed = new_uri
+                .parse()
+                .map_err(|_| Denial::new(Reason::BadPath, "normalized path is not a valid URI"))?;
+            req.set_uri(parsed);
+        }
+        ctx.path = path;
+        Ok(())
+    }
+}
+
+/// Removes `x-forwarded-client-cert` and every `x-tether-*` header.
+pub fn strip_identity_headers(req: &mut RequestHeader) {
+    let doomed: Vec<_> = req
+        .headers
+        .keys()
+        .filter(|name| {
+            let n = name.as_str(); // header names are stored lower case
+            n.starts_with(TETHER_PREFIX) || SPOOFABLE.contains(&n)
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        req.remove_header(&name);
+    }
+}
+
+/// Normalizes a request path (RFC 3986 section 6.2.2):
+/// - percent-encoded unreserved characters are decoded (`%2e` is `.`,
+///   `%7E` is `~`), other escapes are kept with upper-case hex, so `%2F`
+///   stays a character inside a segment and never becomes a separator;
+/// - `.` and `..` segments are removed (`..` never climbs above `/`);
+/// - runs of `/` collapse into one.
+///
+/// Refused: a path not starting with `/`, malformed escapes, and encoded
+/// NUL or control characters.
+pub fn normalize_path(path: &str) -> Result<String, &'static str> {
+    if !path.starts_with('/') {
+        return Err("must start with `/`");
+    }
+    let decoded = decode_unreserved(path)?;
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    // Keep a trailing slash (it can matter to the upstream), but not one
+    // left behind by a removed `.`/`..` or a run of slashes.
+    let last = decoded.rsplit('/').next().unwrap_or_default();
+    let trailing = decoded.len() > 1 && (decoded.ends_with('/') || last == "." || last == "..");
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || (trailing && !segments.is_empty()) {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+fn decode_unreserved(path: &str) -> Result<String, &'static str> {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let (Some(h), Some(l)) = (
+                bytes.get(i + 1).and_then(|c| hex(*c)),
+                bytes.get(i + 2).and_then(|c| hex(*c)),
+            ) else {
+                return Err("malformed percent-encoding");
+            };
+            let c = h * 16 + l;
+            if c < 0x20 || c == 0x7f {
+                return Err("encoded control character");
+            }
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                out.push(c as char);
+            } else {
+                out.push('%');
+                out.push(char::from(HEX[usize::from(h)]));
+                out.push(char::from(HEX[usize::from(l)]));
+            }
+            i += 3;
+        } else if b < 0x20 || b == 0x7f {
+            return Err("control character");
+        } else {
+            // The URI was parsed by the HTTP layer, so it is ASCII here.
+            out.push(b as char);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn hex(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    #[test]
+    fn normalization_table() {
+        for (input, expected) in [
+            ("/", "/"),
+            ("/v1/repos", "/v1/repos"),
+            ("/v1/repos/", "/v1/repos/"),
+            ("//v1///repos", "/v1/repos"),
+            ("/v1/public/../admin", "/v1/admin"),
+            ("/v1/public/%2e%2e/admin", "/v1/admin"),
+            ("/v1/public/%2E%2e/admin", "/v1/admin"),
+            ("/v1/public/.%2e/admin", "/v1/admin"),
+            ("/v1/./admin", "/v1/admin"),
+            ("/../../etc/passwd", "/etc/passwd"),
+            ("/v1/..", "/"),
+            ("/v1/a/.", "/v1/a/"),
+            ("/v1/%7Euser", "/v1/~user"),
+            ("/v1/%41%42c", "/v1/ABc"),
+            ("/v1/a%2fb", "/v1/a%2Fb"),
+            ("/v1/a%2Fb/..", "/v1/"),
+            ("/v1/%20x", "/v1/%20x"),
+        ] {
+            assert_eq!(normalize_path(input).as_deref(), Ok(expected), "{input}");
+        }
+    }
+
+    #[test]
+    fn malformed_paths_are_refused() {
+        for input in ["", "v1", "*", "/a%2", "/a%zz", "/a%00b", "/a%0a", "/a%7f"] {
+            assert!(normalize_path(input).is_err(), "accepted {input:?}");
+        }
+    }
+
+    #[test]
+    fn normalizing_twice_changes_nothing() {
+        for input in ["/a/./b/../c//d/", "/%2e%2e/x", "/a%2fb/%7e"] {
+            let once = normalize_path(input).expect("valid");
+            assert_eq!(normalize_path(&once).expect("valid"), once);
+        }
+    }
+
+    #[test]
+    fn spoofable_headers_are_stripped_and_the_path_rewritten() {
+        let mut req =
+            RequestHeader::build("GET", b"/v1/public/%2e%2e/admin?x=1", None).expect("request");
+        for name in [
+            "X-Tether-Owner",
+            "x-tether-agent",
+            "X-Forwarded-Client-Cert",
+        ] {
+            req.insert_header(name, "spoofed").expect("header");
+        }
+        req.insert_header("x-keep", "yes").expect("header");
+        let mut ctx = testing::ctx();
+        Sanitize.apply(&mut req, &mut ctx).expect("passes");
+        assert_eq!(ctx.path, "/v1/admin");
+        assert_eq!(req.uri.to_string(), "/v1/admin?x=1");
+        assert!(req.headers.get("x-tether-owner").is_none());
+        assert!(req.headers.get("x-tether-agent").is_none());
+        assert!(req.headers.get("x-forwarded-client-cert").is_none());
+        assert_eq!(
+            req.headers.get("x-keep").map(|v| v.as_bytes()),
+            Some(&b"yes"[..])
+        );
+    }
+
+    #[test]
+    fn a_bad_path_is_denied_as_bad_path() {
+        let mut req = RequestHeader::build("GET", b"/a%zz", None).expect("request");
+        let denial = Sanitize
+            .apply(&mut req, &mut testing::ctx())
+            .expect_err("denied");
+        assert_eq!(denial.reason, Reason::BadPath);
+    }
+}

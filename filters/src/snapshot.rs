@@ -1,0 +1,87 @@
+//! One version of everything a request is decided against: registry,
+//! routes and policies, built and validated in full before it serves.
+//! Requests hold the snapshot they started with, so a reload never shows a
+//! request a mix of two versions.
+
+use std::path::Path;
+
+use cedar_policy::EntityTypeName;
+use tether_config::{Config, ConfigError, ConfigErrors};
+
+use crate::authorize::{PolicyEngine, PolicySource};
+use crate::lifecycle::Registry;
+use crate::route::{qualified, RouteTable};
+
+/// Registry, routes and policies of one generation.
+pub struct Snapshot {
+    /// Bumped by every reload; part of every decision cache key.
+    pub generation: u64,
+    /// The registered agents.
+    pub registry: Registry,
+    /// The routes, compiled.
+    pub routes: RouteTable,
+    /// The Cedar schema, policies and principal entities.
+    pub policy: PolicyEngine,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from a loaded config (whose file is `config_path`)
+    /// by reading its schema and policy files.
+    pub fn load(
+        config: &Config,
+        config_path: &Path,
+        generation: u64,
+    ) -> Result<Snapshot, ConfigErrors> {
+        let (schema, policies) =
+            PolicyEngine::read_sources(&config.policy.schema, &config.policy.policies)
+                .map_err(|e| ConfigErrors(vec![e]))?;
+        Snapshot::build(config, config_path, generation, &schema, &policies)
+    }
+
+    /// Builds a snapshot from a config and the text of its schema and
+    /// policies. Every problem is returned, located.
+    pub fn build(
+        config: &Config,
+        config_path: &Path,
+        generation: u64,
+        schema: &PolicySource,
+        policies: &[PolicySource],
+    ) -> Result<Snapshot, ConfigErrors> {
+        let at = |field: String, message: String| ConfigError {
+            file: config_path.to_path_buf(),
+            position: None,
+            field,
+            message,
+        };
+        let (schema, set) = PolicyEngine::parse(schema, policies).map_err(ConfigErrors)?;
+        let namespace = &config.policy.namespace;
+        let principal_type: EntityTypeName = qualified(namespace, "Agent")
+            .parse()
+            .map_err(|e| ConfigErrors(vec![at("policy.namespace".into(), format!("{e}"))]))?;
+        let registry = Registry::new(&config.registry.agents, &principal_type)
+            .map_err(|e| ConfigErrors(vec![at("registry".into(), e)]))?;
+        let policy = PolicyEngine::assemble(schema, set, &registry)
+            .map_err(|e| ConfigErrors(vec![at("registry".into(), e)]))?;
+        let routes = RouteTable::new(&config.routes, namespace)
+            .map_err(|(i, e)| ConfigErrors(vec![at(format!("routes[{i}]"), e)]))?;
+        let errors: Vec<ConfigError> = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                policy
+                    .check_route(r, &principal_type)
+                    .err()
+                    .map(|e| at(format!("routes[{i}].action"), e))
+            })
+            .collect();
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(Snapshot {
+            generation,
+            registry,
+            routes,
+            policy,
+        })
+    }
+}

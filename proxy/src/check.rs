@@ -1,0 +1,47 @@
+//! `tether check`: everything `run` would load, validated, without serving.
+
+use std::path::Path;
+
+use tether_config::Config;
+use tether_filters::Snapshot;
+
+/// Validates the config and all it refers to. Prints every problem,
+/// located, and returns whether there were none.
+pub fn run(config_path: &Path) -> anyhow::Result<bool> {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(errors) => return Ok(report(&errors.to_string())),
+    };
+    let snapshot = match Snapshot::load(&config, config_path, 1) {
+        Ok(s) => s,
+        Err(errors) => return Ok(report(&errors.to_string())),
+    };
+    if let Err(e) = crate::tls::trust_store(&config) {
+        return Ok(report(&format!(
+            "{}: trust_domains: {e:#}",
+            config_path.display()
+        )));
+    }
+    for (field, path) in [("listener.tls.cert", &config.listener.tls.cert)] {
+        if let Err(e) = crate::tls::read_certs(path) {
+            return Ok(report(&format!(
+                "{}: {field}: {e:#}",
+                config_path.display()
+            )));
+        }
+    }
+    println!(
+        "{}: ok: {} agents, {} routes, {} policies, {} trust domains",
+        config_path.display(),
+        snapshot.registry.len(),
+        snapshot.routes.iter().count(),
+        snapshot.policy.set.policies().count(),
+        config.trust_domains.len()
+    );
+    Ok(true)
+}
+
+fn report(errors: &str) -> bool {
+    eprintln!("{errors}");
+    false
+}

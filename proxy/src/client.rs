@@ -1,0 +1,144 @@
+//! A small HTTPS client that presents an SVID, for `tether demo` and the
+//! tests: one request per connection, raw HTTP/1.1, so a caller can send
+//! exactly the bytes it means (unnormalized paths, spoofed headers).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use rustls::pki_types::{PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// A response, read whole.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header names (lower case) and values.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_slice(&self.body).context("response body is not JSON")
+    }
+}
+
+/// A client for one server, trusting `ca_pem`, presenting `identity`.
+#[derive(Clone)]
+pub struct Client {
+    connector: TlsConnector,
+    addr: SocketAddr,
+}
+
+impl Client {
+    /// A client of the TLS server at `addr`, whose certificate must chain
+    /// to `ca_pem` and name `127.0.0.1`. `identity` is a PEM certificate
+    /// and key to present, or none.
+    pub fn new(
+        addr: SocketAddr,
+        ca_pem: &str,
+        identity: Option<(&str, &str)>,
+    ) -> anyhow::Result<Client> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some((cert_pem, key_pem)) => {
+                let chain = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()?;
+                let key: PrivateKeyDer<'static> =
+                    rustls_pemfile::private_key(&mut key_pem.as_bytes())?
+                        .context("no private key in PEM")?;
+                builder.with_client_auth_cert(chain, key)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Ok(Client {
+            connector: TlsConnector::from(Arc::new(config)),
+            addr,
+        })
+    }
+
+    /// Sends one request and reads the whole response.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Response> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = ServerName::IpAddress(self.addr.ip().into());
+        let mut tls = self.connector.connect(name, tcp).await?;
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n",
+            self.addr
+        );
+        for (n, v) in headers {
+            request.push_str(&format!("{n}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        tls.write_all(request.as_bytes()).await?;
+        tls.flush().await?;
+        let mut raw = Vec::new();
+        // A server that closes without close_notify is fine once we have
+        // a whole response.
+        if let Err(e) = tls.read_to_end(&mut raw).await {
+            if raw.is_empty() {
+                return Err(e.into());
+            }
+        }
+        parse_response(&raw)
+    }
+}
+
+/// Parses a whole HTTP/1.1 response (content-length or read-to-close).
+pub fn parse_response(raw: &[u8]) -> anyhow::Result<Response> {
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("connection closed before a whole response")?;
+    let head = std::str::from_utf8(&raw[..head_end]).context("response head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line `{status_line}`"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[head_end + 4..].to_vec();
+    if let Some(len) = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+    {
+        body.truncate(len);
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}

@@ -1,0 +1,13 @@
+//! The `tether` binary's library: the server wiring, the pingora proxy that
+//! drives the filter chain, the admin listener, telemetry, and the demo.
+
+pub mod admin;
+pub mod app;
+pub mod check;
+pub mod client;
+pub mod demo;
+pub mod echo;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,97 @@
+//! The agent-facing TLS listener: the server certificate, the SPIFFE
+//! client verifier, and the handshake callback that hands each connection's
+//! verified identity to its requests.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::TlsAccept;
+use pingora::protocols::tls::TlsRef;
+use rustls::pki_types::CertificateDer;
+use tether_config::Config;
+use tether_filters::identity::tls::{SpiffeClientVerifier, TrustStore};
+use tether_filters::identity::PeerIdentity;
+use tether_filters::record::Metrics;
+
+/// Reads every trust bundle in the config.
+pub fn trust_store(config: &Config) -> anyhow::Result<TrustStore> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut bundles = Vec::new();
+    for td in &config.trust_domains {
+        let certs =
+            read_certs(&td.bundle).with_context(|| format!("trust domain `{}`", td.name))?;
+        bundles.push((td.name.clone(), certs));
+    }
+    TrustStore::new(bundles, &provider).map_err(anyhow::Error::msg)
+}
+
+/// Every certificate in a PEM file.
+pub fn read_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading `{}`", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing PEM in `{}`", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("`{}` holds no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
+/// The listener's TLS settings: server certificate and mandatory SPIFFE
+/// client authentication.
+pub fn listener_settings(config: &Config, metrics: &Metrics) -> anyhow::Result<TlsSettings> {
+    let verifier = SpiffeClientVerifier::new(
+        trust_store(config)?,
+        Arc::new(rustls::crypto::ring::default_provider()),
+        true,
+        metrics.client_cert_rejected.clone(),
+    );
+    let mut settings = TlsSettings::with_callbacks(Box::new(PeerIdentityCallback))
+        .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    settings
+        .set_certificate_chain_file(&path(&config.listener.tls.cert))
+        .map_err(|e| anyhow::anyhow!("listener.tls.cert: {e}"))?;
+    settings
+        .set_private_key_file(&path(&config.listener.tls.key))
+        .map_err(|e| anyhow::anyhow!("listener.tls.key: {e}"))?;
+    settings.set_client_cert_verifier(Arc::new(verifier));
+    Ok(settings)
+}
+
+/// After a handshake the client certificate is already verified; parse its
+/// SPIFFE ID once per connection, not once per request.
+struct PeerIdentityCallback;
+
+#[async_trait]
+impl TlsAccept for PeerIdentityCallback {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        let leaf = tls.peer_certificate_der()?;
+        match PeerIdentity::from_leaf_der(leaf) {
+            Ok(peer) => Some(Arc::new(Arc::new(peer))),
+            Err(e) => {
+                // The verifier accepted it, so this cannot happen; if it
+                // does, the request finds no identity and is refused.
+                log::error!("verified client certificate has no usable SPIFFE ID: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// The verified identity of a session's connection, if any.
+pub fn peer_identity(session: &pingora::proxy::Session) -> Option<Arc<PeerIdentity>> {
+    session
+        .digest()?
+        .ssl_digest
+        .as_ref()?
+        .extension
+        .get::<Arc<PeerIdentity>>()
+        .cloned()
+}

@@ -1,0 +1,401 @@
+//! End to end: the real `tether` binary on free loopback ports, real mTLS
+//! with certificates generated at test time, real Cedar, a real upstream.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+use tether::client::Response;
+use tether::demo::{admin_get, start_sandbox, Sandbox};
+use tether_config::{AgentSpec, AgentState, Expiry, TrustDomain};
+use tether_filters::identity::pki::Pki;
+
+const TETHER: &str = env!("CARGO_BIN_EXE_tether");
+const TRIAGE: &str = "spiffe://example.org/agents/issue-triage";
+const INTERN: &str = "spiffe://example.org/agents/summer-intern-bot";
+
+struct World {
+    rt: tokio::runtime::Runtime,
+    sandbox: Sandbox,
+}
+
+impl World {
+    fn new() -> World {
+        World::with(|_| {})
+    }
+
+    fn with(customize: impl FnOnce(&mut tether_config::Config)) -> World {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let upstream: SocketAddr = rt.block_on(tether::echo::start()).expect("echo upstream");
+        let sandbox = start_sandbox(Path::new(TETHER), upstream, customize).expect("tether starts");
+        World { rt, sandbox }
+    }
+
+    fn send(
+        &self,
+        agent: Option<&str>,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Response> {
+        let client = self.sandbox.client(agent)?;
+        self.rt.block_on(client.send(method, path, headers))
+    }
+
+    fn get(&self, agent: &str, path: &str) -> Response {
+        self.send(Some(agent), "GET", path, &[]).expect("response")
+    }
+}
+
+fn agent(id: &str, owner: &str, state: AgentState) -> AgentSpec {
+    AgentSpec {
+        id: id.into(),
+        owner: owner.into(),
+        team: "platform".into(),
+        purpose: String::new(),
+        expires: Expiry::parse("2999-12-31").expect("date"),
+        review_by: None,
+        state,
+    }
+}
+
+fn assert_refused(r: &Response, status: u16, reason: &str) {
+    assert_eq!(r.status, status, "{r:?}");
+    let body = r.json().expect("json body");
+    assert_eq!(body["reason"], reason, "{body}");
+    assert_eq!(
+        body["request_id"].as_str(),
+        r.header("x-tether-request-id"),
+        "the body and header name the same request"
+    );
+}
+
+#[test]
+fn an_owned_agent_is_allowed_and_the_upstream_sees_its_verified_identity() {
+    let w = World::new();
+    let r = w.get(TRIAGE, "/v1/repos/tether/issues");
+    assert_eq!(r.status, 200, "{r:?}");
+    let echo = r.json().expect("echo");
+    assert_eq!(echo["target"], "/v1/repos/tether/issues");
+    assert_eq!(echo["headers"]["x-tether-agent"], TRIAGE);
+    assert_eq!(echo["headers"]["x-tether-owner"], "alice@example.org");
+
+    let audit = w.sandbox.audit_lines(1);
+    let line = &audit[0];
+    assert_eq!(line["decision"], "allow");
+    assert_eq!(line["reason"], "allowed");
+    assert_eq!(line["agent"], TRIAGE);
+    assert_eq!(line["owner"], "alice@example.org");
+    assert_eq!(line["policies"][0], "agents-work-issues");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["request_id"].as_str(), r.header("x-tether-request-id"));
+}
+
+#[test]
+fn a_request_policy_forbids_is_refused_without_revealing_the_policy() {
+    let w = World::new();
+    let r = w
+        .send(Some(TRIAGE), "DELETE", "/v1/repos/tether", &[])
+        .expect("response");
+    assert_refused(&r, 403, "policy_denied");
+    assert!(!String::from_utf8_lossy(&r.body).contains("no-repo-deletion"));
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["decision"], "deny");
+    assert_eq!(line["stage"], "authorize");
+    assert_eq!(line["policies"][0], "no-repo-deletion-by-agents");
+}
+
+#[test]
+fn lifecycle_refusals_unregistered_expired_suspended_offboarded() {
+    let w = World::with(|c| {
+        c.registry.agents.push(agent(
+            "spiffe://example.org/agents/paused",
+            "dan@example.org",
+            AgentState::Suspended,
+        ));
+        c.registry.agents.push(agent(
+            "spiffe://example.org/agents/gone",
+            "erin@example.org",
+            AgentState::Offboarded,
+        ));
+    });
+    let path = "/v1/repos/tether/issues";
+    assert_refused(
+        &w.get("spiffe://example.org/agents/stranger", path),
+        403,
+        "unregistered",
+    );
+    assert_refused(&w.get(INTERN, path), 403, "expired");
+    assert_refused(
+        &w.get("spiffe://example.org/agents/paused", path),
+        403,
+        "inactive",
+    );
+    assert_refused(
+        &w.get("spiffe://example.org/agents/gone", path),
+        403,
+        "inactive",
+    );
+    let reasons: Vec<String> = w
+        .sandbox
+        .audit_lines(4)
+        .iter()
+        .map(|l| {
+            format!(
+                "{}/{}",
+                l["stage"].as_str().unwrap_or(""),
+                l["reason"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "lifecycle/unregistered",
+            "lifecycle/expired",
+            "lifecycle/inactive",
+            "lifecycle/inactive"
+        ]
+    );
+}
+
+#[test]
+fn certificates_that_are_not_valid_svids_of_a_trusted_domain_are_refused_at_the_handshake() {
+    let other = Pki::new("other.org").expect("pki");
+    let bundle = std::env::temp_dir().join(format!("tether-e2e-other-{}.pem", std::process::id()));
+    std::fs::write(&bundle, other.ca_pem()).expect("bundle");
+    let w = World::with(|c| {
+        c.trust_domains.push(TrustDomain {
+            name: "other.org".into(),
+            bundle: bundle.clone(),
+        });
+        c.registry.agents.push(agent(
+            "spiffe://other.org/agents/x",
+            "olga@other.org",
+            AgentState::Active,
+        ));
+    });
+    let send_with = |pki: &Pki, uris: &[&str]| {
+        let leaf = pki.leaf(uris).expect("leaf");
+        let client = tether::client::Client::new(
+            w.sandbox.proxy,
+            &w.sandbox.pki.ca_pem(),
+            Some((&leaf.cert_pem, &leaf.key_pem)),
+        )
+        .expect("client");
+        w.rt.block_on(client.send("GET", "/v1/repos/tether/issues", &[]))
+    };
+    // The other domain's own agent, with its own CA: allowed.
+    assert_eq!(
+        send_with(&other, &["spiffe://other.org/agents/x"])
+            .expect("ok")
+            .status,
+        200
+    );
+    // example.org's CA vouching for an other.org identity: refused.
+    assert!(send_with(&w.sandbox.pki, &["spiffe://other.org/agents/x"]).is_err());
+    // other.org's CA vouching for an example.org identity: refused.
+    assert!(send_with(&other, &[TRIAGE]).is_err());
+    // Two URI SANs, a non-SPIFFE URI, none at all: refused.
+    assert!(send_with(&w.sandbox.pki, &[TRIAGE, "spiffe://example.org/agents/b"]).is_err());
+    assert!(send_with(&w.sandbox.pki, &["https://example.org/agents/a"]).is_err());
+    assert!(send_with(&w.sandbox.pki, &[]).is_err());
+    // A CA nobody trusts.
+    let rogue = Pki::new("example.org").expect("pki");
+    assert!(send_with(&rogue, &[TRIAGE]).is_err());
+    // No client certificate at all.
+    assert!(w.send(None, "GET", "/v1/repos/tether/issues", &[]).is_err());
+
+    let metrics =
+        w.rt.block_on(admin_get(w.sandbox.admin, "/metrics"))
+            .expect("metrics");
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("tether_client_cert_rejected_total{reason=\"chain\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tether_client_cert_rejected_total{reason=\"many_uris\"} 1"),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(bundle);
+}
+
+#[test]
+fn spoofed_identity_headers_are_replaced_by_the_verified_ones() {
+    let w = World::new();
+    let r = w
+        .send(
+            Some(TRIAGE),
+            "GET",
+            "/v1/repos/tether/issues",
+            &[
+                ("x-tether-owner", "ceo@example.org"),
+                ("X-Tether-Agent", "spiffe://example.org/agents/admin"),
+                ("x-tether-anything", "1"),
+                (
+                    "x-forwarded-client-cert",
+                    "By=spiffe://example.org/agents/admin",
+                ),
+            ],
+        )
+        .expect("response");
+    assert_eq!(r.status, 200);
+    let headers = &r.json().expect("echo")["headers"];
+    assert_eq!(headers["x-tether-owner"], "alice@example.org");
+    assert_eq!(headers["x-tether-agent"], TRIAGE);
+    assert!(headers.get("x-tether-anything").is_none(), "{headers}");
+    assert!(
+        headers.get("x-forwarded-client-cert").is_none(),
+        "{headers}"
+    );
+}
+
+#[test]
+fn paths_are_decided_and_forwarded_in_normalized_form() {
+    let w = World::new();
+    for path in [
+        "/v1/public/../admin",
+        "/v1/public/%2e%2e/admin",
+        "/v1//public/.%2E/./admin",
+    ] {
+        let r = w.get(TRIAGE, path);
+        assert_refused(&r, 403, "policy_denied");
+    }
+    for line in w.sandbox.audit_lines(3) {
+        assert_eq!(line["path"], "/v1/admin");
+        assert_eq!(line["action"], "Action::\"Administer\"");
+    }
+    // Allowed after normalization: the upstream gets the normalized path.
+    let r = w.get(TRIAGE, "/v1/repos/other/../tether/issues?state=open");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json().expect("echo")["target"],
+        "/v1/repos/tether/issues?state=open"
+    );
+    // Malformed escapes are a 400, not a guess.
+    assert_refused(&w.get(TRIAGE, "/v1/repos/%zz/issues"), 400, "bad_path");
+    // No route: refused like any other denial.
+    assert_refused(&w.get(TRIAGE, "/v2/anything"), 403, "no_route");
+}
+
+#[test]
+fn a_cached_decision_is_the_same_as_the_fresh_one() {
+    let w = World::new();
+    for _ in 0..2 {
+        assert_eq!(w.get(TRIAGE, "/v1/repos/tether/issues").status, 200);
+        assert_refused(
+            &w.send(Some(TRIAGE), "DELETE", "/v1/repos/tether", &[])
+                .expect("r"),
+            403,
+            "policy_denied",
+        );
+    }
+    let lines = w.sandbox.audit_lines(4);
+    for (fresh, cached) in [(&lines[0], &lines[2]), (&lines[1], &lines[3])] {
+        assert_eq!(fresh["cached"], false);
+        assert_eq!(cached["cached"], true);
+        for field in [
+            "decision", "reason", "policies", "status", "action", "resource",
+        ] {
+            assert_eq!(fresh[field], cached[field], "{field}");
+        }
+    }
+    let metrics =
+        w.rt.block_on(admin_get(w.sandbox.admin, "/metrics"))
+            .expect("metrics");
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("tether_decision_cache_hits_total 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tether_decision_cache_misses_total 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tether_requests_total{decision=\"allow\",reason=\"allowed\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tether_requests_total{decision=\"deny\",reason=\"policy_denied\"} 2"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_admin_listener_answers_health_and_readiness() {
+    let w = World::new();
+    for path in ["/healthz", "/readyz"] {
+        let r =
+            w.rt.block_on(admin_get(w.sandbox.admin, path))
+                .expect("admin");
+        assert_eq!(r.status, 200, "{path}");
+    }
+    let r =
+        w.rt.block_on(admin_get(w.sandbox.admin, "/nope"))
+            .expect("admin");
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn an_unknown_config_field_is_refused_with_its_path_and_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let text = tether::demo::EXAMPLE_CONFIG.replace(
+        "    action: DeleteRepo\n",
+        "    action: DeleteRepo\n    actoin: typo\n",
+    );
+    let path = dir.path().join("tether.yaml");
+    std::fs::write(&path, &text).expect("write");
+    let line = text
+        .lines()
+        .position(|l| l.contains("actoin"))
+        .expect("typo line")
+        + 1;
+    for command in ["check", "run"] {
+        let out = Command::new(TETHER)
+            .args([command, "--config"])
+            .arg(&path)
+            .output()
+            .expect("tether runs");
+        assert!(!out.status.success(), "{command} accepted an unknown field");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("tether.yaml:{line}:")),
+            "{command}: {stderr}"
+        );
+        assert!(
+            stderr.contains("routes[2]: unknown field `actoin`"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_reports_every_problem_located() {
+    let dir = tempfile::tempdir().expect("dir");
+    let text = tether::demo::EXAMPLE_CONFIG
+        .replace("address: 127.0.0.1:8080", "address: localhost")
+        .replace("max_entries: 100000", "max_entries: 0");
+    let path = dir.path().join("tether.yaml");
+    std::fs::write(&path, &text).expect("write");
+    let out = Command::new(TETHER)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "upstream.address: `localhost`",
+        "cache.max_entries",
+        "listener.tls.cert",
+        "registry.yaml",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected}: {stderr}");
+    }
+}
