@@ -56,6 +56,32 @@ pub struct Config {
     /// Process settings.
     #[serde(default)]
     pub server: Server,
+    /// Hot reload of policies, schema, registry, routes and trust bundles.
+    #[serde(default)]
+    pub reload: Reload,
+}
+
+/// Hot reload. What reloads: `routes`, `registry`, `policy` and the files
+/// they name, and the `trust_domains` bundles. Changes to other sections
+/// are reported and take effect at the next restart.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reload {
+    /// Poll the files for changes (a Kubernetes ConfigMap or Secret update
+    /// swaps a symlink; polling sees it). `POST /reload` on the admin
+    /// listener works either way.
+    pub watch: bool,
+    /// How often to look for changes, in milliseconds.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Reload {
+            watch: true,
+            poll_interval_ms: 1000,
+        }
+    }
 }
 
 /// The agent-facing listener.
@@ -149,6 +175,12 @@ pub struct Policy {
     pub schema: PathBuf,
     /// A folder of `.cedar` files (read in name order), or a single file.
     pub policies: PathBuf,
+    /// Shadow policies (a folder or a file): evaluated beside the enforced
+    /// ones on live traffic, recorded in audit lines, spans and
+    /// `tether_shadow_disagreements_total`, never enforced. Try a change
+    /// here before moving it to `policies`.
+    #[serde(default)]
+    pub shadow: Option<PathBuf>,
     /// Cedar namespace of the principal, action and resource types, e.g.
     /// `Api` for `Api::Agent`. Empty: no namespace.
     #[serde(default)]
@@ -410,6 +442,9 @@ impl Config {
         }
         join(&mut self.policy.schema);
         join(&mut self.policy.policies);
+        if let Some(shadow) = &mut self.policy.shadow {
+            join(shadow);
+        }
         if !matches!(self.audit.output.as_str(), "stdout" | "stderr") {
             let mut p = PathBuf::from(&self.audit.output);
             join(&mut p);

@@ -90,6 +90,9 @@ pub(crate) fn config(c: &Config) -> Vec<ConfigError> {
 
     p.file_exists("policy.schema", &c.policy.schema);
     p.file_exists("policy.policies", &c.policy.policies);
+    if let Some(shadow) = &c.policy.shadow {
+        p.file_exists("policy.shadow", shadow);
+    }
     if !c.policy.namespace.is_empty() && !is_cedar_path(&c.policy.namespace) {
         p.push(
             "policy.namespace",
@@ -134,6 +137,9 @@ pub(crate) fn config(c: &Config) -> Vec<ConfigError> {
     }
     if c.audit.max_queue == 0 {
         p.push("audit.max_queue", "must be at least 1");
+    }
+    if c.reload.poll_interval_ms < 50 {
+        p.push("reload.poll_interval_ms", "must be at least 50");
     }
     if c.server.threads == 0 {
         p.push("server.threads", "must be at least 1");

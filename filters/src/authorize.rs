@@ -1,27 +1,29 @@
 //! Is this action allowed, right now: Cedar, through a decision cache that
 //! can never answer differently from a fresh evaluation.
 //!
-//! The cache key holds every input policy can read:
+//! That guarantee is structural: [`DecisionInput`] is both the cache key
+//! and the only thing [`evaluate`] reads (besides the snapshot whose
+//! generation it names). An input policy could read but the key lacks
+//! cannot exist, because evaluation has no other way to learn it. The
+//! input holds:
 //! - the snapshot generation, which covers the policies, the schema, the
-//!   routes and the registry (so the principal's attributes, the action and
-//!   the resource type): any reload bumps it and old entries are never hit;
-//! - the principal's id, the route index (its action and resource type) and
-//!   the resource id;
-//! - the context: the identity kind, and the trust domain, which is part of
-//!   the principal id.
-//!
-//! Adding an input to the request or the context means adding it to
-//! [`DecisionKey`]; [`evaluate`] is the one place both are built from.
+//!   routes and the registry (so the principal's attributes): any reload
+//!   bumps it and old entries are never hit;
+//! - the principal, the action and the resource;
+//! - the context (see [`RequestContext`]); the wall clock enters only as a
+//!   UTC weekday and hour, so time-of-day policies work and a cached
+//!   decision lives at most until the hour turns.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityUid,
-    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use moka::sync::Cache;
@@ -29,8 +31,8 @@ use pingora_http::RequestHeader;
 use prometheus::IntCounter;
 use tether_config::ConfigError;
 
-use crate::lifecycle::{Agent, Registry};
-use crate::route::{CompiledRoute, RouteMatch};
+use crate::lifecycle::Registry;
+use crate::route::CompiledRoute;
 use crate::{Denial, Filter, IdentityKind, Reason, RequestCtx, Snapshot};
 
 /// What Cedar decided, and why.
@@ -44,6 +46,18 @@ pub struct Decision {
     /// Policies that failed to evaluate. Any error denies (fail closed):
     /// an erroring `forbid` must not silently turn into an allow.
     pub errors: Vec<String>,
+    /// What the shadow policy set would have decided, when one is loaded.
+    /// Recorded, never enforced.
+    pub shadow: Option<ShadowDecision>,
+}
+
+/// A shadow policy set's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowDecision {
+    /// Whether the shadow set permits the request (errors deny).
+    pub allowed: bool,
+    /// The shadow policies that determined it.
+    pub policies: Vec<String>,
 }
 
 /// The schema, the policies and the principal entities of one snapshot.
@@ -54,6 +68,8 @@ pub struct PolicyEngine {
     pub set: PolicySet,
     /// The registered agents as Cedar entities.
     pub entities: Entities,
+    /// Policies evaluated beside `set` and recorded, never enforced.
+    pub shadow: Option<PolicySet>,
     authorizer: Authorizer,
 }
 
@@ -66,21 +82,14 @@ pub struct PolicySource {
 }
 
 impl PolicyEngine {
-    /// Reads the schema and every `.cedar` file under `policies` (a folder,
-    /// read in name order, or one file).
-    pub fn read_sources(
-        schema: &Path,
-        policies: &Path,
-    ) -> Result<(PolicySource, Vec<PolicySource>), ConfigError> {
-        let read = |path: &Path| {
-            std::fs::read_to_string(path)
-                .map(|text| PolicySource {
-                    path: path.to_path_buf(),
-                    text,
-                })
-                .map_err(|e| located(path, None, format!("cannot read file: {e}")))
-        };
-        let schema = read(schema)?;
+    /// Reads the schema file.
+    pub fn read_schema(schema: &Path) -> Result<PolicySource, ConfigError> {
+        read_source(schema)
+    }
+
+    /// Reads every `.cedar` file under `policies` (a folder, read in name
+    /// order, or one file).
+    pub fn read_policies(policies: &Path) -> Result<Vec<PolicySource>, ConfigError> {
         let mut files = Vec::new();
         if policies.is_dir() {
             let entries = std::fs::read_dir(policies)
@@ -91,12 +100,12 @@ impl PolicyEngine {
                 .collect();
             paths.sort();
             for path in paths {
-                files.push(read(&path)?);
+                files.push(read_source(&path)?);
             }
         } else {
-            files.push(read(policies)?);
+            files.push(read_source(policies)?);
         }
-        Ok((schema, files))
+        Ok(files)
     }
 
     /// Parses the schema and policies and validates the policies strictly
@@ -183,6 +192,7 @@ impl PolicyEngine {
     pub fn assemble(
         schema: Schema,
         set: PolicySet,
+        shadow: Option<PolicySet>,
         registry: &Registry,
     ) -> Result<PolicyEngine, String> {
         let agents = registry.agents().map(|a| {
@@ -209,6 +219,7 @@ impl PolicyEngine {
             schema,
             set,
             entities,
+            shadow,
             authorizer: Authorizer::new(),
         })
     }
@@ -244,63 +255,160 @@ impl PolicyEngine {
     }
 }
 
+/// What policy sees of a request besides principal, action and resource:
+/// Tether's context contract. Cedar receives it as
+/// `{ identity_kind: String, trust_domain: String, source_ip: ipaddr,
+///    time: { weekday: Long, hour: Long } }` (weekday 1 = Monday, UTC).
+/// A schema declares the attributes its policies read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestContext {
+    /// How the caller proved its identity.
+    pub identity_kind: IdentityKind,
+    /// The TCP peer.
+    pub source_ip: Option<IpAddr>,
+    /// UTC weekday, 1 (Monday) to 7.
+    pub weekday: u8,
+    /// UTC hour, 0 to 23.
+    pub hour: u8,
+}
+
+/// Everything a decision depends on: the cache key, and the only input of
+/// [`evaluate`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DecisionInput {
+    /// The snapshot generation the request is decided under.
+    pub generation: u64,
+    /// The agent's SPIFFE ID; its attributes come from the snapshot.
+    pub principal: Arc<str>,
+    /// The Cedar action.
+    pub action: EntityUid,
+    /// The Cedar resource.
+    pub resource: EntityUid,
+    /// The context.
+    pub context: RequestContext,
+}
+
+impl DecisionInput {
+    /// The input of a request that has passed identity, lifecycle and
+    /// route; `None` if one of them has not run.
+    pub fn of(ctx: &RequestCtx) -> Option<DecisionInput> {
+        let (principal, agent, route) = (
+            ctx.principal.as_ref()?,
+            ctx.agent.as_ref()?,
+            ctx.route.as_ref()?,
+        );
+        let started = time::OffsetDateTime::from(ctx.started);
+        Some(DecisionInput {
+            generation: ctx.snapshot.generation,
+            principal: agent.id.as_arc().clone(),
+            action: route.action.clone(),
+            resource: route.resource.clone(),
+            context: RequestContext {
+                identity_kind: principal.kind,
+                source_ip: ctx.client_addr,
+                weekday: started.weekday().number_from_monday(),
+                hour: started.hour(),
+            },
+        })
+    }
+}
+
 /// Evaluates policy for one request, uncached. The cache stores exactly
-/// what this returns; [`DecisionKey`] must cover every input it reads.
-pub fn evaluate(
-    snapshot: &Snapshot,
-    agent: &Agent,
-    route: &RouteMatch,
-    kind: IdentityKind,
-) -> Decision {
-    let engine = &snapshot.policy;
-    let Some(compiled) = snapshot.routes.get(route.index) else {
-        return error_decision("route index out of range".into());
+/// what this returns for the same input.
+pub fn evaluate(snapshot: &Snapshot, input: &DecisionInput) -> Decision {
+    if input.generation != snapshot.generation {
+        return error_decision(format!(
+            "decision input of generation {} against snapshot {}",
+            input.generation, snapshot.generation
+        ));
+    }
+    let Some(agent) = snapshot.registry.get(&input.principal) else {
+        return error_decision(format!("`{}` is not registered", input.principal));
     };
-    let resource = EntityUid::from_type_name_and_id(
-        compiled.resource_type.clone(),
-        EntityId::new(&route.resource_id),
-    );
-    let context = Context::from_pairs([
-        (
-            "identity_kind".to_string(),
-            RestrictedExpression::new_string(kind.as_str().to_string()),
-        ),
-        (
-            "trust_domain".to_string(),
-            RestrictedExpression::new_string(agent.id.trust_domain().to_string()),
-        ),
-    ]);
-    let context = match context {
-        Ok(c) => c,
-        Err(e) => return error_decision(e.to_string()),
-    };
-    let request = match Request::new(
-        agent.uid.clone(),
-        compiled.action_uid.clone(),
-        resource,
-        context,
-        None, // routes were checked against the schema at load
-    ) {
+    let request = cedar_context(agent.id.trust_domain(), &input.context).and_then(|context| {
+        Request::new(
+            agent.uid.clone(),
+            input.action.clone(),
+            input.resource.clone(),
+            context,
+            None, // routes were checked against the schema at load
+        )
+        .map_err(|e| e.to_string())
+    });
+    let request = match request {
         Ok(r) => r,
-        Err(e) => return error_decision(e.to_string()),
+        Err(e) => return error_decision(e),
     };
-    let response = engine
-        .authorizer
-        .is_authorized(&request, &engine.set, &engine.entities);
-    let errors: Vec<String> = response
-        .diagnostics()
-        .errors()
-        .map(|e| e.to_string())
-        .collect();
-    Decision {
-        allowed: response.decision() == CedarDecision::Allow && errors.is_empty(),
-        policies: response
+    let engine = &snapshot.policy;
+    let authorize = |set: &PolicySet| {
+        let response = engine
+            .authorizer
+            .is_authorized(&request, set, &engine.entities);
+        let errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| e.to_string())
+            .collect();
+        // Cedar returns a set; sorted, a decision has one form, so cached
+        // and fresh answers compare equal and records are stable.
+        let mut policies: Vec<String> = response
             .diagnostics()
             .reason()
             .map(|id| id.to_string())
-            .collect(),
+            .collect();
+        policies.sort_unstable();
+        (
+            response.decision() == CedarDecision::Allow && errors.is_empty(),
+            policies,
+            errors,
+        )
+    };
+    let (allowed, policies, errors) = authorize(&engine.set);
+    Decision {
+        allowed,
+        policies,
         errors,
+        shadow: engine.shadow.as_ref().map(|set| {
+            let (allowed, policies, _) = authorize(set);
+            ShadowDecision { allowed, policies }
+        }),
     }
+}
+
+/// The Cedar context of a request: the contract documented on
+/// [`RequestContext`].
+fn cedar_context(trust_domain: &str, c: &RequestContext) -> Result<Context, String> {
+    let mut pairs = vec![
+        (
+            "identity_kind".to_string(),
+            RestrictedExpression::new_string(c.identity_kind.as_str().to_string()),
+        ),
+        (
+            "trust_domain".to_string(),
+            RestrictedExpression::new_string(trust_domain.to_string()),
+        ),
+        (
+            "time".to_string(),
+            RestrictedExpression::new_record([
+                (
+                    "weekday".to_string(),
+                    RestrictedExpression::new_long(c.weekday.into()),
+                ),
+                (
+                    "hour".to_string(),
+                    RestrictedExpression::new_long(c.hour.into()),
+                ),
+            ])
+            .map_err(|e| e.to_string())?,
+        ),
+    ];
+    if let Some(ip) = c.source_ip {
+        pairs.push((
+            "source_ip".to_string(),
+            RestrictedExpression::new_ip(ip.to_string()),
+        ));
+    }
+    Context::from_pairs(pairs).map_err(|e| e.to_string())
 }
 
 fn error_decision(error: String) -> Decision {
@@ -308,22 +416,13 @@ fn error_decision(error: String) -> Decision {
         allowed: false,
         policies: Vec::new(),
         errors: vec![error],
+        shadow: None,
     }
-}
-
-/// Everything a decision depends on. See the module docs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DecisionKey {
-    generation: u64,
-    principal: Arc<str>,
-    route: usize,
-    resource_id: Box<str>,
-    kind: IdentityKind,
 }
 
 /// A bounded cache of decisions.
 pub struct DecisionCache {
-    cache: Cache<DecisionKey, Arc<Decision>>,
+    cache: Cache<DecisionInput, Arc<Decision>>,
     hits: IntCounter,
     misses: IntCounter,
 }
@@ -346,26 +445,15 @@ impl DecisionCache {
         }
     }
 
-    /// The decision for a request, from the cache or freshly evaluated.
+    /// The decision for `input`, from the cache or freshly evaluated.
     /// Returns whether it was a hit.
-    pub fn decide(
-        &self,
-        snapshot: &Snapshot,
-        agent: &Agent,
-        route: &RouteMatch,
-        kind: IdentityKind,
-    ) -> (Arc<Decision>, bool) {
-        let key = DecisionKey {
-            generation: snapshot.generation,
-            principal: agent.id.as_arc().clone(),
-            route: route.index,
-            resource_id: route.resource_id.as_str().into(),
-            kind,
-        };
+    pub fn decide(&self, snapshot: &Snapshot, input: DecisionInput) -> (Arc<Decision>, bool) {
+        // Concurrent misses of one key evaluate once; the key is cloned
+        // only when it is inserted.
         let entry = self
             .cache
-            .entry(key)
-            .or_insert_with(|| Arc::new(evaluate(snapshot, agent, route, kind)));
+            .entry_by_ref(&input)
+            .or_insert_with(|| Arc::new(evaluate(snapshot, &input)));
         let hit = !entry.is_fresh();
         if hit {
             self.hits.inc();
@@ -385,12 +473,16 @@ impl DecisionCache {
 /// Asks Cedar, through the cache.
 pub struct Authorize {
     cache: Arc<DecisionCache>,
+    shadow_disagreements: IntCounter,
 }
 
 impl Authorize {
-    /// Authorizes through `cache`.
-    pub fn new(cache: Arc<DecisionCache>) -> Authorize {
-        Authorize { cache }
+    /// Authorizes through `cache`; counts shadow disagreements.
+    pub fn new(cache: Arc<DecisionCache>, shadow_disagreements: IntCounter) -> Authorize {
+        Authorize {
+            cache,
+            shadow_disagreements,
+        }
     }
 }
 
@@ -400,17 +492,21 @@ impl Filter for Authorize {
     }
 
     fn apply(&self, _req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
-        let (Some(principal), Some(agent), Some(route)) = (&ctx.principal, &ctx.agent, &ctx.route)
-        else {
+        let Some(input) = DecisionInput::of(ctx) else {
             return Err(Denial::new(
                 Reason::Internal,
                 "authorize ran before identity, lifecycle and route",
             ));
         };
-        let (decision, hit) = self
-            .cache
-            .decide(&ctx.snapshot, agent, route, principal.kind);
+        let (decision, hit) = self.cache.decide(&ctx.snapshot, input);
         ctx.cache_hit = Some(hit);
+        if decision
+            .shadow
+            .as_ref()
+            .is_some_and(|s| s.allowed != decision.allowed)
+        {
+            self.shadow_disagreements.inc();
+        }
         let outcome = if !decision.errors.is_empty() {
             Err(Denial::new(
                 Reason::PolicyError,
@@ -431,6 +527,15 @@ impl Filter for Authorize {
         ctx.decision = Some(decision);
         outcome
     }
+}
+
+fn read_source(path: &Path) -> Result<PolicySource, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|text| PolicySource {
+            path: path.to_path_buf(),
+            text,
+        })
+        .map_err(|e| located(path, None, format!("cannot read file: {e}")))
 }
 
 fn located(path: &Path, position: Option<(usize, usize)>, message: String) -> ConfigError {
@@ -536,7 +641,7 @@ mod tests {
 
     #[test]
     fn decision_table() {
-        let snapshot = testing::snapshot();
+        let snapshot = Arc::new(testing::snapshot());
         for (agent, method, path, allowed, policies) in [
             (
                 testing::ALICE_BOT,
@@ -567,29 +672,47 @@ mod tests {
                 vec!["public-repos"],
             ),
         ] {
-            let agent = snapshot.registry.get(agent).expect("agent");
-            let route = snapshot.routes.find(method, path).expect("route");
-            let d = evaluate(&snapshot, agent, &route, IdentityKind::X509Svid);
-            assert_eq!(d.allowed, allowed, "{agent:?} {path}");
+            let d = evaluate(&snapshot, &testing::input(&snapshot, agent, method, path));
+            assert_eq!(d.allowed, allowed, "{agent} {path}");
             assert_eq!(d.policies, policies, "{path}");
             assert!(d.errors.is_empty());
         }
     }
 
     #[test]
+    fn the_context_contract_reaches_policy() {
+        let snapshot = Arc::new(testing::snapshot_with(
+            1,
+            r#"@id("office-hours-from-loopback")
+            permit(principal, action, resource)
+            when { context has source_ip && context.source_ip.isLoopback()
+                   && context.time.hour >= 0 && context.time.weekday <= 7
+                   && context.identity_kind == "x509_svid" && context.trust_domain == "example.org" };"#,
+        ));
+        let mut input = testing::input(&snapshot, testing::ALICE_BOT, "GET", "/v1/admin");
+        input.context.source_ip = Some("127.0.0.1".parse().expect("ip"));
+        assert!(evaluate(&snapshot, &input).allowed);
+        input.context.source_ip = Some("10.1.2.3".parse().expect("ip"));
+        assert!(!evaluate(&snapshot, &input).allowed);
+        // No address (a Unix socket): `has` guards it, and nothing permits.
+        input.context.source_ip = None;
+        let d = evaluate(&snapshot, &input);
+        assert!(!d.allowed && d.errors.is_empty(), "{d:?}");
+    }
+
+    #[test]
     fn a_cached_decision_is_identical_to_a_fresh_one() {
-        let snapshot = testing::snapshot();
+        let snapshot = Arc::new(testing::snapshot());
         let cache = testing::cache();
-        let agent = snapshot.registry.get(testing::ALICE_BOT).expect("agent");
         for path in [
             "/v1/repos/tether/issues",
             "/v1/admin",
             "/v1/repos/other/issues",
         ] {
-            let route = snapshot.routes.find("GET", path).expect("route");
-            let fresh = evaluate(&snapshot, agent, &route, IdentityKind::X509Svid);
-            let (first, hit1) = cache.decide(&snapshot, agent, &route, IdentityKind::X509Svid);
-            let (second, hit2) = cache.decide(&snapshot, agent, &route, IdentityKind::X509Svid);
+            let input = testing::input(&snapshot, testing::ALICE_BOT, "GET", path);
+            let fresh = evaluate(&snapshot, &input);
+            let (first, hit1) = cache.decide(&snapshot, input.clone());
+            let (second, hit2) = cache.decide(&snapshot, input);
             assert!(!hit1 && hit2, "{path}: miss then hit");
             assert_eq!(*first, fresh);
             assert_eq!(*second, fresh);
@@ -598,34 +721,135 @@ mod tests {
 
     #[test]
     fn a_new_generation_never_hits_old_decisions() {
-        let old = testing::snapshot();
+        let old = Arc::new(testing::snapshot());
         let cache = testing::cache();
-        let agent = old.registry.get(testing::ALICE_BOT).expect("agent");
-        let route = old.routes.find("GET", "/v1/admin").expect("route");
-        let (denied, _) = cache.decide(&old, agent, &route, IdentityKind::X509Svid);
+        let input = testing::input(&old, testing::ALICE_BOT, "GET", "/v1/admin");
+        let (denied, _) = cache.decide(&old, input);
         assert!(!denied.allowed);
 
         // The next generation drops the forbid: the cache must not answer
         // with the old denial.
-        let new = testing::snapshot_with(
+        let new = Arc::new(testing::snapshot_with(
             old.generation + 1,
             "@id(\"admin\") permit(principal, action == Action::\"Admin\", resource);",
-        );
-        let agent = new.registry.get(testing::ALICE_BOT).expect("agent");
-        let (allowed, hit) = cache.decide(&new, agent, &route, IdentityKind::X509Svid);
+        ));
+        let input = testing::input(&new, testing::ALICE_BOT, "GET", "/v1/admin");
+        let (allowed, hit) = cache.decide(&new, input);
         assert!(!hit);
         assert!(allowed.allowed);
     }
 
     #[test]
+    fn shadow_policies_are_recorded_and_counted_but_never_enforced() {
+        let snapshot = Arc::new(testing::world(
+            1,
+            testing::POLICIES,
+            Some("@id(\"lockdown\") forbid(principal, action, resource);"),
+            "platform",
+        ));
+        let counter = prometheus::IntCounter::new("d", "d").expect("counter");
+        let filter = Authorize::new(Arc::new(testing::cache()), counter.clone());
+        let mut ctx = testing::ctx_for(testing::ALICE_BOT, "GET", "/v1/repos/tether/issues");
+        ctx.snapshot = snapshot;
+        filter
+            .apply(&mut testing::get("/v1/repos/tether/issues"), &mut ctx)
+            .expect("the enforced set allows it");
+        let d = ctx.decision.expect("decision");
+        assert_eq!(
+            d.shadow,
+            Some(ShadowDecision {
+                allowed: false,
+                policies: vec!["lockdown".into()]
+            })
+        );
+        assert_eq!(counter.get(), 1);
+    }
+
+    #[test]
     fn the_filter_denies_with_the_policy_reason() {
         let mut ctx = testing::ctx_for(testing::ALICE_BOT, "GET", "/v1/admin");
-        let denial = Authorize::new(Arc::new(testing::cache()))
+        let counter = prometheus::IntCounter::new("d", "d").expect("counter");
+        let denial = Authorize::new(Arc::new(testing::cache()), counter)
             .apply(&mut testing::get("/v1/admin"), &mut ctx)
             .expect_err("denied");
         assert_eq!(denial.reason, Reason::PolicyDenied);
         assert!(denial.detail.contains("no-admin"));
         assert_eq!(ctx.cache_hit, Some(false));
+    }
+
+    mod property {
+        //! The cache can never answer differently from a fresh evaluation:
+        //! random request sequences, with reloads of policies and registry
+        //! in between, through both paths.
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const POLICY_SETS: [&str; 3] = [
+            testing::POLICIES,
+            "@id(\"all\") permit(principal, action, resource);",
+            "@id(\"team\") permit(principal, action, resource) when { principal.team == \"platform\" };\n\
+             @id(\"hours\") forbid(principal, action == Action::\"Admin\", resource) when { context.time.hour < 6 };",
+        ];
+        const TEAMS: [&str; 2] = ["platform", "research"];
+        const AGENTS: [&str; 3] = [testing::ALICE_BOT, testing::BOB_BOT, testing::ALICE_BOT];
+        const PATHS: [(&str, &str); 4] = [
+            ("GET", "/v1/repos/tether/issues"),
+            ("GET", "/v1/repos/public/issues"),
+            ("POST", "/v1/admin"),
+            ("GET", "/v1/admin"),
+        ];
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Request {
+                agent: usize,
+                path: usize,
+                hour: u8,
+                loopback: bool,
+            },
+            Reload {
+                policies: usize,
+                team: usize,
+            },
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                4 => (0..AGENTS.len(), 0..PATHS.len(), 0u8..24, any::<bool>())
+                    .prop_map(|(agent, path, hour, loopback)| Step::Request { agent, path, hour, loopback }),
+                1 => (0..POLICY_SETS.len(), 0..TEAMS.len())
+                    .prop_map(|(policies, team)| Step::Reload { policies, team }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            #[test]
+            fn cached_and_fresh_decisions_always_agree(steps in prop::collection::vec(step(), 1..60)) {
+                let cache = testing::cache();
+                let mut generation = 1;
+                let mut snapshot = Arc::new(testing::world(generation, POLICY_SETS[0], None, TEAMS[0]));
+                for step in steps {
+                    match step {
+                        Step::Reload { policies, team } => {
+                            generation += 1;
+                            snapshot = Arc::new(testing::world(generation, POLICY_SETS[policies], None, TEAMS[team]));
+                        }
+                        Step::Request { agent, path, hour, loopback } => {
+                            let (method, path) = PATHS[path];
+                            let mut input = testing::input(&snapshot, AGENTS[agent], method, path);
+                            input.context.hour = hour;
+                            input.context.source_ip =
+                                Some(if loopback { "127.0.0.1" } else { "10.0.0.1" }.parse().expect("ip"));
+                            let fresh = evaluate(&snapshot, &input);
+                            let (cached, _) = cache.decide(&snapshot, input);
+                            prop_assert_eq!(&*cached, &fresh);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

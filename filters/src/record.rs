@@ -36,6 +36,13 @@ pub struct Metrics {
     pub client_cert_rejected: IntCounterVec,
     /// The generation of the snapshot serving requests.
     pub config_generation: IntGauge,
+    /// Reloads refused because the new version was invalid.
+    pub config_reload_failures: IntCounter,
+    /// 1 if the last reload attempt succeeded, 0 if the old version kept
+    /// serving because the new one was refused.
+    pub config_last_reload_successful: IntGauge,
+    /// Requests where the shadow policies decided differently.
+    pub shadow_disagreements: IntCounter,
 }
 
 impl Metrics {
@@ -112,6 +119,18 @@ impl Metrics {
                 "tether_config_generation",
                 "Generation of the configuration serving requests.",
             )?,
+            config_reload_failures: counter(
+                "tether_config_reload_failures_total",
+                "Reloads refused because the new configuration was invalid.",
+            )?,
+            config_last_reload_successful: gauge(
+                "tether_config_last_reload_successful",
+                "1 if the last reload succeeded, 0 if the previous version kept serving.",
+            )?,
+            shadow_disagreements: counter(
+                "tether_shadow_disagreements_total",
+                "Requests where the shadow policies decided differently from the enforced ones.",
+            )?,
             client_cert_rejected,
             registry,
         })
@@ -184,6 +203,9 @@ pub struct AuditRecord<'a> {
     pub policies: &'a [String],
     /// Whether the decision came from the cache.
     pub cached: Option<bool>,
+    /// What the shadow policies decided, when loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowRecord<'a>>,
     /// The HTTP status sent to the caller.
     pub status: u16,
     /// The TCP peer address.
@@ -197,6 +219,15 @@ pub struct AuditRecord<'a> {
     pub review_overdue: bool,
 }
 
+/// The shadow policy set's verdict in a record.
+#[derive(Debug, Serialize)]
+pub struct ShadowRecord<'a> {
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The shadow policies that determined it.
+    pub policies: &'a [String],
+}
+
 impl<'a> AuditRecord<'a> {
     /// The record of a finished request. `reason` is the final outcome
     /// (a stage's denial, or what happened upstream).
@@ -208,10 +239,11 @@ impl<'a> AuditRecord<'a> {
         trace_id: Option<String>,
     ) -> AuditRecord<'a> {
         let started = OffsetDateTime::from(ctx.started);
-        let route = ctx
+        let template = ctx
             .route
             .as_ref()
-            .and_then(|m| ctx.snapshot.routes.get(m.index).map(|r| (m, r)));
+            .and_then(|m| ctx.snapshot.routes.get(m.index))
+            .map(|r| &*r.template);
         AuditRecord {
             time: started
                 .format(&time::format_description::well_known::Rfc3339)
@@ -228,11 +260,19 @@ impl<'a> AuditRecord<'a> {
             team: ctx.agent.as_deref().map(|a| &*a.team),
             method,
             path: &ctx.path,
-            route: route.map(|(_, r)| &*r.template),
-            action: route.map(|(_, r)| r.action_uid.to_string()),
-            resource: route.map(|(m, r)| format!("{}::{:?}", r.resource_type, m.resource_id)),
+            route: template,
+            action: ctx.route.as_ref().map(|m| m.action.to_string()),
+            resource: ctx.route.as_ref().map(|m| m.resource.to_string()),
             policies: ctx.decision.as_deref().map_or(&[], |d| &d.policies),
             cached: ctx.cache_hit,
+            shadow: ctx
+                .decision
+                .as_deref()
+                .and_then(|d| d.shadow.as_ref())
+                .map(|s| ShadowRecord {
+                    decision: if s.allowed { "allow" } else { "deny" },
+                    policies: &s.policies,
+                }),
             status,
             client: ctx.client_addr.map(|a| a.to_string()),
             duration_ms: SystemTime::now()
@@ -326,6 +366,7 @@ mod tests {
             allowed: true,
             policies: vec!["read-repos".into()],
             errors: vec![],
+            shadow: None,
         }));
         ctx.cache_hit = Some(true);
         let record = AuditRecord::new(&ctx, "GET", Reason::Allowed, 200, Some("ab".into()));

@@ -35,13 +35,15 @@ pub struct CompiledRoute {
     resource_id: Vec<IdPart>,
 }
 
-/// A matched route: which one, and the resource id it produced.
+/// A matched route: which one, and the Cedar action and resource it names.
 #[derive(Debug, Clone)]
 pub struct RouteMatch {
     /// Index of the route in the snapshot's table.
     pub index: usize,
-    /// The resource's entity id.
-    pub resource_id: String,
+    /// The Cedar action.
+    pub action: EntityUid,
+    /// The Cedar resource.
+    pub resource: EntityUid,
 }
 
 /// Every route, tried in order; the first match wins.
@@ -102,7 +104,14 @@ impl RouteTable {
                     IdPart::Param(i) => resource_id.push_str(params[*i]),
                 }
             }
-            return Some(RouteMatch { index, resource_id });
+            return Some(RouteMatch {
+                index,
+                action: route.action_uid.clone(),
+                resource: EntityUid::from_type_name_and_id(
+                    route.resource_type.clone(),
+                    EntityId::new(resource_id),
+                ),
+            });
         }
         None
     }
@@ -247,7 +256,11 @@ mod tests {
             ("GET", "/", None),
         ] {
             let got = t.find(method, path);
-            let got = got.as_ref().map(|m| (m.index, m.resource_id.as_str()));
+            let id = got
+                .as_ref()
+                .map(|m| m.resource.id().unescaped().to_string());
+            let got = got.as_ref().map(|m| m.index).zip(id);
+            let expected = expected.map(|(i, id)| (i, id.to_string()));
             assert_eq!(got, expected, "{method} {path}");
         }
     }

@@ -32,10 +32,21 @@ impl Snapshot {
         config_path: &Path,
         generation: u64,
     ) -> Result<Snapshot, ConfigErrors> {
-        let (schema, policies) =
-            PolicyEngine::read_sources(&config.policy.schema, &config.policy.policies)
-                .map_err(|e| ConfigErrors(vec![e]))?;
-        Snapshot::build(config, config_path, generation, &schema, &policies)
+        let one = |e| ConfigErrors(vec![e]);
+        let schema = PolicyEngine::read_schema(&config.policy.schema).map_err(one)?;
+        let policies = PolicyEngine::read_policies(&config.policy.policies).map_err(one)?;
+        let shadow = match &config.policy.shadow {
+            Some(path) => Some(PolicyEngine::read_policies(path).map_err(one)?),
+            None => None,
+        };
+        Snapshot::build(
+            config,
+            config_path,
+            generation,
+            &schema,
+            &policies,
+            shadow.as_deref(),
+        )
     }
 
     /// Builds a snapshot from a config and the text of its schema and
@@ -46,6 +57,7 @@ impl Snapshot {
         generation: u64,
         schema: &PolicySource,
         policies: &[PolicySource],
+        shadow: Option<&[PolicySource]>,
     ) -> Result<Snapshot, ConfigErrors> {
         let at = |field: String, message: String| ConfigError {
             file: config_path.to_path_buf(),
@@ -53,14 +65,21 @@ impl Snapshot {
             field,
             message,
         };
-        let (schema, set) = PolicyEngine::parse(schema, policies).map_err(ConfigErrors)?;
+        let (schema_parsed, set) = PolicyEngine::parse(schema, policies).map_err(ConfigErrors)?;
+        // Shadow policies must be as valid as enforced ones: a broken
+        // shadow set would record meaningless disagreements.
+        let shadow = match shadow {
+            Some(files) => Some(PolicyEngine::parse(schema, files).map_err(ConfigErrors)?.1),
+            None => None,
+        };
+        let schema = schema_parsed;
         let namespace = &config.policy.namespace;
         let principal_type: EntityTypeName = qualified(namespace, "Agent")
             .parse()
             .map_err(|e| ConfigErrors(vec![at("policy.namespace".into(), format!("{e}"))]))?;
         let registry = Registry::new(&config.registry.agents, &principal_type)
             .map_err(|e| ConfigErrors(vec![at("registry".into(), e)]))?;
-        let policy = PolicyEngine::assemble(schema, set, &registry)
+        let policy = PolicyEngine::assemble(schema, set, shadow, &registry)
             .map_err(|e| ConfigErrors(vec![at("registry".into(), e)]))?;
         let routes = RouteTable::new(&config.routes, namespace)
             .map_err(|(i, e)| ConfigErrors(vec![at(format!("routes[{i}]"), e)]))?;

@@ -22,7 +22,12 @@ pub const OFFBOARDED_BOT: &str = "spiffe://example.org/agents/gone";
 pub const SCHEMA: &str = r#"
 entity Agent { owner: String, team: String };
 entity Repo, Api;
-type Ctx = { identity_kind: String, trust_domain: String };
+type Ctx = {
+  identity_kind: String,
+  trust_domain: String,
+  source_ip?: ipaddr,
+  time: { weekday: Long, hour: Long },
+};
 action ListIssues appliesTo { principal: [Agent], resource: [Repo], context: Ctx };
 action Admin appliesTo { principal: [Agent], resource: [Api], context: Ctx };
 "#;
@@ -42,7 +47,7 @@ trust_domains: [{name: example.org, bundle: b}]
 upstream: {address: "127.0.0.1:1"}
 registry:
   agents:
-    - {id: "spiffe://example.org/agents/triage", owner: alice@example.com, team: platform, expires: "2999-01-01"}
+    - {id: "spiffe://example.org/agents/triage", owner: alice@example.com, team: ALICE_TEAM, expires: "2999-01-01"}
     - {id: "spiffe://example.org/agents/research", owner: bob@example.com, team: research, expires: "2999-01-01"}
     - {id: "spiffe://example.org/agents/old", owner: carol@example.com, expires: "2020-01-01"}
     - {id: "spiffe://example.org/agents/paused", owner: dan@example.com, expires: "2999-01-01", state: suspended}
@@ -58,17 +63,29 @@ pub fn snapshot() -> Snapshot {
 }
 
 pub fn snapshot_with(generation: u64, policies: &str) -> Snapshot {
-    let config = Config::from_yaml(CONFIG, Path::new("test.yaml")).expect("test config");
+    world(generation, policies, None, "platform")
+}
+
+/// A snapshot of the test world: `policies` enforced, `shadow` beside
+/// them, and Alice's bot in `alice_team`.
+pub fn world(generation: u64, policies: &str, shadow: Option<&str>, alice_team: &str) -> Snapshot {
+    let config = Config::from_yaml(
+        &CONFIG.replace("ALICE_TEAM", alice_team),
+        Path::new("test.yaml"),
+    )
+    .expect("test config");
     let source = |name: &str, text: &str| PolicySource {
         path: PathBuf::from(name),
         text: text.to_string(),
     };
+    let shadow = shadow.map(|text| vec![source("shadow.cedar", text)]);
     Snapshot::build(
         &config,
         Path::new("test.yaml"),
         generation,
         &source("test.cedarschema", SCHEMA),
         &[source("test.cedar", policies)],
+        shadow.as_deref(),
     )
     .expect("test snapshot")
 }
@@ -99,6 +116,24 @@ pub fn peer(id: &str) -> PeerIdentity {
         id: SpiffeId::parse(id).expect("id"),
         not_after: 0,
     }
+}
+
+/// The decision input of a request by `agent` for `method path`.
+pub fn input(
+    snapshot: &Arc<Snapshot>,
+    agent: &str,
+    method: &str,
+    path: &str,
+) -> crate::authorize::DecisionInput {
+    let mut ctx = RequestCtx::new(snapshot.clone());
+    ctx.path = path.to_string();
+    ctx.principal = Some(Principal {
+        id: SpiffeId::parse(agent).expect("id"),
+        kind: IdentityKind::X509Svid,
+    });
+    ctx.agent = snapshot.registry.get(agent).cloned();
+    ctx.route = snapshot.routes.find(method, path);
+    crate::authorize::DecisionInput::of(&ctx).expect("input")
 }
 
 pub fn cache() -> DecisionCache {

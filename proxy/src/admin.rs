@@ -1,5 +1,5 @@
-//! The admin listener: health, readiness and Prometheus metrics. It binds
-//! to loopback by default; agents never reach it.
+//! The admin listener: health, readiness, Prometheus metrics and reload.
+//! It binds to loopback by default; agents never reach it.
 
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use prometheus::{Encoder, TextEncoder};
 
 use crate::app::App;
 
-/// Serves `/healthz`, `/readyz` and `/metrics`.
+/// Serves `/healthz`, `/readyz`, `/metrics` and `POST /reload`.
 pub struct AdminApp {
     app: Arc<App>,
 }
@@ -20,6 +20,31 @@ impl AdminApp {
     /// The admin endpoints of `app`.
     pub fn new(app: Arc<App>) -> AdminApp {
         AdminApp { app }
+    }
+
+    /// Reloads off the async threads (it reads files and parses Cedar).
+    async fn reload(&self) -> (u16, &'static str, Vec<u8>) {
+        let app = self.app.clone();
+        let result = tokio::task::spawn_blocking(move || app.reload()).await;
+        let (status, body) = match result {
+            Ok(Ok(generation)) => (
+                200,
+                serde_json::json!({"status": "reloaded", "generation": generation}),
+            ),
+            Ok(Err(errors)) => (
+                422,
+                serde_json::json!({
+                    "status": "refused",
+                    "generation": self.app.snapshot.load().generation,
+                    "errors": errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                }),
+            ),
+            Err(e) => (
+                500,
+                serde_json::json!({"status": "failed", "error": e.to_string()}),
+            ),
+        };
+        (status, "application/json", body.to_string().into_bytes())
     }
 
     fn metrics(&self) -> Vec<u8> {
@@ -37,7 +62,10 @@ impl AdminApp {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        let post = session.req_header().method == http::Method::POST;
         let (status, content_type, body) = match path.as_str() {
+            "/reload" if post => self.reload().await,
+            "/reload" => (405, "text/plain", b"use POST /reload\n".to_vec()),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             // Serving at all means the config loaded and the listeners
             // bound: the process refuses to start otherwise.

@@ -1,14 +1,18 @@
-//! The running proxy's shared state, built once from the config.
+//! The running proxy's shared state, built once from the config and
+//! reloaded all or nothing.
 
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use tether_config::Config;
+use tether_config::{Config, ConfigErrors};
 use tether_filters::authorize::{Authorize, DecisionCache};
 use tether_filters::credentials::Credentials;
+use tether_filters::identity::tls::SpiffeClientVerifier;
 use tether_filters::identity::Identity;
 use tether_filters::lifecycle::Lifecycle;
 use tether_filters::record::{AuditSink, Metrics};
@@ -17,12 +21,14 @@ use tether_filters::sanitize::Sanitize;
 use tether_filters::{Chain, Snapshot};
 
 use crate::telemetry::Telemetry;
+use crate::tls;
 
 /// Everything the request path shares.
 pub struct App {
     /// The config file, for reloads.
     pub config_path: PathBuf,
-    /// The config as loaded.
+    /// The config the process started with. Sections that do not reload
+    /// (listeners, upstream, telemetry, ...) are read from here.
     pub config: Config,
     /// The snapshot new requests are served under.
     pub snapshot: ArcSwap<Snapshot>,
@@ -36,11 +42,15 @@ pub struct App {
     pub audit: AuditSink,
     /// Span export.
     pub telemetry: Telemetry,
+    /// The listener's client verifier, whose bundles reload.
+    pub verifier: Arc<SpiffeClientVerifier>,
+    /// Serializes reloads; holds the fingerprint of the files last loaded.
+    reload_state: Mutex<u64>,
 }
 
 /// The stages every request passes, in order. Each stands where it does
 /// because it needs what the ones before it established.
-pub fn chain(cache: Arc<DecisionCache>) -> Chain {
+pub fn chain(cache: Arc<DecisionCache>, metrics: &Metrics) -> Chain {
     Chain::new(vec![
         // First: strip caller-sent identity headers and normalize the path,
         // so nothing after this reads caller claims or an unnormalized path.
@@ -52,7 +62,7 @@ pub fn chain(cache: Arc<DecisionCache>) -> Chain {
         // What it is doing: method and normalized path to action and resource.
         Box::new(Routing),
         // Whether policy allows it: needs the principal, agent and route.
-        Box::new(Authorize::new(cache)),
+        Box::new(Authorize::new(cache, metrics.shadow_disagreements.clone())),
         // Last: only an allowed request gets the verified identity headers.
         Box::new(Credentials),
     ])
@@ -67,6 +77,13 @@ impl App {
             Snapshot::load(&config, config_path, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
         let metrics = Arc::new(Metrics::new().context("registering metrics")?);
         metrics.config_generation.set(1);
+        metrics.config_last_reload_successful.set(1);
+        let verifier = Arc::new(SpiffeClientVerifier::new(
+            tls::trust_store(&config)?,
+            Arc::new(rustls::crypto::ring::default_provider()),
+            true,
+            metrics.client_cert_rejected.clone(),
+        ));
         let cache = Arc::new(DecisionCache::new(
             config.cache.max_entries,
             Duration::from_secs(config.cache.ttl_seconds),
@@ -83,13 +100,159 @@ impl App {
             .context("starting OpenTelemetry export")?;
         Ok(App {
             config_path: config_path.to_path_buf(),
-            chain: chain(cache.clone()),
+            chain: chain(cache.clone(), &metrics),
             snapshot: ArcSwap::from_pointee(snapshot),
+            reload_state: Mutex::new(fingerprint(config_path, &config)),
             config,
             metrics,
             cache,
             audit,
             telemetry,
+            verifier,
         })
     }
+
+    /// Reloads policies, schema, registry, routes and trust bundles, all or
+    /// nothing: the new version is read and validated in full before it
+    /// replaces the old; if anything is wrong the old one keeps serving.
+    /// Returns the generation now serving.
+    pub fn reload(&self) -> Result<u64, ConfigErrors> {
+        let mut last = self
+            .reload_state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = self.snapshot.load().generation;
+        // Taken before reading: a change made while we load is seen by the
+        // next poll rather than lost.
+        let seen = fingerprint(&self.config_path, &self.config);
+        let attempt = (|| {
+            let config = Config::load(&self.config_path)?;
+            let snapshot = Snapshot::load(&config, &self.config_path, current + 1)?;
+            let trust = tls::trust_store(&config).map_err(|e| {
+                ConfigErrors(vec![tether_config::ConfigError {
+                    file: self.config_path.clone(),
+                    position: None,
+                    field: "trust_domains".into(),
+                    message: format!("{e:#}"),
+                }])
+            })?;
+            Ok((config, snapshot, trust))
+        })();
+        match attempt {
+            Ok((config, snapshot, trust)) => {
+                *last = seen;
+                warn_restart_only(&self.config, &config);
+                // Bundles first: a new agent's SVID must verify by the time
+                // its registration is live.
+                self.verifier.replace(trust);
+                self.snapshot.store(Arc::new(snapshot));
+                let generation = current + 1;
+                self.metrics.config_generation.set(generation as i64);
+                self.metrics.config_last_reload_successful.set(1);
+                log::info!(
+                    "reloaded {}: generation {generation} serving",
+                    self.config_path.display()
+                );
+                Ok(generation)
+            }
+            Err(errors) => {
+                // Remember this version so the watcher does not retry it
+                // every poll; the next change is tried again.
+                *last = seen;
+                self.metrics.config_reload_failures.inc();
+                self.metrics.config_last_reload_successful.set(0);
+                log::error!("reload refused, generation {current} keeps serving:\n{errors}");
+                Err(errors)
+            }
+        }
+    }
+
+    /// Polls the config and every file it names; reloads on change.
+    pub fn watch(self: &Arc<Self>) {
+        if !self.config.reload.watch {
+            return;
+        }
+        let app = Arc::clone(self);
+        let interval = Duration::from_millis(self.config.reload.poll_interval_ms);
+        let spawned = std::thread::Builder::new()
+            .name("tether-reload".into())
+            .spawn(move || loop {
+                std::thread::sleep(interval);
+                let seen = *app
+                    .reload_state
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                // The file set is the boot config's, the same one reload()
+                // fingerprints; a change to the config file itself brings
+                // in any file it newly names.
+                if fingerprint(&app.config_path, &app.config) != seen {
+                    let _ = app.reload();
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the reload watcher: {e}");
+        }
+    }
+}
+
+/// Logs changes to sections that only a restart applies.
+fn warn_restart_only(running: &Config, new: &Config) {
+    let sections = |c: &Config| {
+        [
+            ("listener", serde_json::to_value(&c.listener).ok()),
+            ("admin", serde_json::to_value(&c.admin).ok()),
+            ("upstream", serde_json::to_value(&c.upstream).ok()),
+            ("cache", serde_json::to_value(&c.cache).ok()),
+            ("telemetry", serde_json::to_value(&c.telemetry).ok()),
+            ("audit", serde_json::to_value(&c.audit).ok()),
+            ("server", serde_json::to_value(&c.server).ok()),
+            ("reload", serde_json::to_value(&c.reload).ok()),
+        ]
+    };
+    for ((name, old), (_, new)) in sections(running).into_iter().zip(sections(new)) {
+        if old != new {
+            log::warn!("config section `{name}` changed: it takes effect at the next restart");
+        }
+    }
+}
+
+/// Hashes the contents of the config file and every file the running
+/// config names (following symlinks, as a ConfigMap mount needs), so any
+/// change, however it is made, changes the fingerprint.
+fn fingerprint(config_path: &Path, config: &Config) -> u64 {
+    let mut h = DefaultHasher::new();
+    let mut file = |p: &Path| {
+        p.hash(&mut h);
+        std::fs::read(p).ok().hash(&mut h);
+    };
+    file(config_path);
+    // The running config's paths are resolved already; the config file on
+    // disk may name others, which its own change covers.
+    if let Some(registry) = &config.registry.file {
+        file(registry);
+    }
+    file(&config.policy.schema);
+    for folder in [Some(&config.policy.policies), config.policy.shadow.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if folder.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
+                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            entries.sort();
+            for entry in entries
+                .iter()
+                .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+            {
+                file(entry);
+            }
+        } else {
+            file(folder);
+        }
+    }
+    for td in &config.trust_domains {
+        file(&td.bundle);
+    }
+    h.finish()
 }

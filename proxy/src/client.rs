@@ -78,6 +78,17 @@ impl Client {
         })
     }
 
+    /// Opens a keep-alive connection for many requests.
+    pub async fn connect(&self) -> anyhow::Result<Connection> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = ServerName::IpAddress(self.addr.ip().into());
+        Ok(Connection {
+            tls: self.connector.connect(name, tcp).await?,
+            host: self.addr.to_string(),
+            buf: Vec::new(),
+        })
+    }
+
     /// Sends one request and reads the whole response.
     pub async fn send(
         &self,
@@ -107,6 +118,44 @@ impl Client {
             }
         }
         parse_response(&raw)
+    }
+}
+
+/// A keep-alive connection: requests one after another, responses framed
+/// by `content-length`.
+pub struct Connection {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    host: String,
+    buf: Vec<u8>,
+}
+
+impl Connection {
+    /// Sends a request on this connection and reads its response.
+    pub async fn send(&mut self, method: &str, path: &str) -> anyhow::Result<Response> {
+        let request = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.host);
+        self.tls.write_all(request.as_bytes()).await?;
+        self.tls.flush().await?;
+        loop {
+            if let Some(head_end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = parse_response(&self.buf[..head_end + 4])?;
+                let len: usize = head
+                    .header("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .context("keep-alive response without content-length")?;
+                let total = head_end + 4 + len;
+                if self.buf.len() >= total {
+                    let response = parse_response(&self.buf[..total])?;
+                    self.buf.drain(..total);
+                    return Ok(response);
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self.tls.read(&mut chunk).await?;
+            if n == 0 {
+                anyhow::bail!("connection closed by the server");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
     }
 }
 

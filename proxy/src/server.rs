@@ -39,12 +39,13 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     proxy.add_tls_with_settings(
         &config.listener.address,
         None,
-        tls::listener_settings(config, &app.metrics)?,
+        tls::listener_settings(config, app.verifier.clone())?,
     );
     let mut admin = Service::new("tether admin".to_string(), AdminApp::new(app.clone()));
     admin.add_tcp(&config.admin.address);
     server.add_service(proxy);
     server.add_service(admin);
+    app.watch();
 
     log::info!(
         "tether serving agents on {} (admin on {}), forwarding to {}",

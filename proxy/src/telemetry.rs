@@ -205,6 +205,9 @@ fn attributes(r: &AuditRecord<'_>) -> Vec<KeyValue> {
             ),
         ));
     }
+    if let Some(shadow) = &r.shadow {
+        a.push(KeyValue::new("tether.shadow.decision", shadow.decision));
+    }
     if let Some(cached) = r.cached {
         a.push(KeyValue::new("tether.cached", cached));
     }

@@ -14,7 +14,6 @@ use rustls::pki_types::CertificateDer;
 use tether_config::Config;
 use tether_filters::identity::tls::{SpiffeClientVerifier, TrustStore};
 use tether_filters::identity::PeerIdentity;
-use tether_filters::record::Metrics;
 
 /// Reads every trust bundle in the config.
 pub fn trust_store(config: &Config) -> anyhow::Result<TrustStore> {
@@ -40,15 +39,12 @@ pub fn read_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'
     Ok(certs)
 }
 
-/// The listener's TLS settings: server certificate and mandatory SPIFFE
-/// client authentication.
-pub fn listener_settings(config: &Config, metrics: &Metrics) -> anyhow::Result<TlsSettings> {
-    let verifier = SpiffeClientVerifier::new(
-        trust_store(config)?,
-        Arc::new(rustls::crypto::ring::default_provider()),
-        true,
-        metrics.client_cert_rejected.clone(),
-    );
+/// The listener's TLS settings: the server certificate and mandatory SPIFFE
+/// client authentication by `verifier`.
+pub fn listener_settings(
+    config: &Config,
+    verifier: Arc<SpiffeClientVerifier>,
+) -> anyhow::Result<TlsSettings> {
     let mut settings = TlsSettings::with_callbacks(Box::new(PeerIdentityCallback))
         .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
@@ -58,7 +54,7 @@ pub fn listener_settings(config: &Config, metrics: &Metrics) -> anyhow::Result<T
     settings
         .set_private_key_file(&path(&config.listener.tls.key))
         .map_err(|e| anyhow::anyhow!("listener.tls.key: {e}"))?;
-    settings.set_client_cert_verifier(Arc::new(verifier));
+    settings.set_client_cert_verifier(verifier);
     Ok(settings)
 }
 
