@@ -12,6 +12,7 @@ pub mod context;
 pub mod credentials;
 pub mod identity;
 pub mod lifecycle;
+pub mod lint;
 pub mod reason;
 pub mod record;
 pub mod route;

@@ -30,6 +30,14 @@ pub fn run(config_path: &Path) -> anyhow::Result<bool> {
             )));
         }
     }
+    for w in tether_filters::lint::lint(&snapshot) {
+        println!(
+            "{}: warning: {}: {}",
+            config_path.display(),
+            w.subject,
+            w.message
+        );
+    }
     println!(
         "{}: ok: {} agents, {} routes, {} policies, {} trust domains",
         config_path.display(),

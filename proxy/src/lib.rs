@@ -7,6 +7,7 @@ pub mod check;
 pub mod client;
 pub mod demo;
 pub mod echo;
+pub mod explain;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;

@@ -28,6 +28,35 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Decide a described request offline and show why; or, with
+    /// `--cases`, check a file of requests against expected decisions.
+    /// Exits 0 if allowed (all cases matched), 1 if not.
+    Explain {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A YAML file of cases: `cases: [{name, agent, method, path, expect: {decision, reason, policies}}]`.
+        #[arg(long, conflicts_with_all = ["agent", "path"])]
+        cases: Option<PathBuf>,
+        /// The caller's SPIFFE ID.
+        #[arg(long, required_unless_present = "cases")]
+        agent: Option<String>,
+        /// HTTP method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Request path.
+        #[arg(long, required_unless_present = "cases")]
+        path: Option<String>,
+        /// The caller's IP address.
+        #[arg(long)]
+        source_ip: Option<std::net::IpAddr>,
+        /// When the request is made, RFC 3339 (default: now).
+        #[arg(long)]
+        at: Option<String>,
+        /// Print the full record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the whole story on this machine, with no setup.
     Demo,
     /// Print the JSON schema of the config file.
@@ -40,6 +69,32 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => tether::server::run(&config).map(|()| true),
         Command::Check { config } => tether::check::run(&config),
+        Command::Explain {
+            config,
+            cases: Some(cases),
+            ..
+        } => tether::explain::run_cases(&config, &cases),
+        Command::Explain {
+            config,
+            cases: None,
+            agent,
+            method,
+            path,
+            source_ip,
+            at,
+            json,
+        } => {
+            let query = tether::explain::Query {
+                name: String::new(),
+                agent: agent.unwrap_or_default(),
+                method,
+                path: path.unwrap_or_default(),
+                source_ip,
+                at,
+                expect: None,
+            };
+            tether::explain::run(&config, &query, json)
+        }
         Command::Demo => tether::demo::run(),
         Command::Schema => {
             print!("{}", tether_config::Config::json_schema());
