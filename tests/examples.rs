@@ -43,20 +43,112 @@ fn the_example_config_loads_with_its_registry_schema_and_policies() {
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.registry.agents.len(), 4);
     let snapshot = Snapshot::load(&config, &path, 1).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(snapshot.routes.iter().count(), 4);
-    assert_eq!(snapshot.policy.set.policies().count(), 3);
+    assert_eq!(snapshot.routes.iter().count(), 5);
+    assert_eq!(snapshot.policy.set.policies().count(), 6);
 
-    let out = Command::new(TETHER)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("runs");
+    let tether = |args: &[&str]| {
+        let out = Command::new(TETHER)
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("tether runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+    let (code, stdout, stderr) = tether(&["check"]);
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stdout.contains("ok: 4 agents, 5 routes, 6 policies"),
+        "{stdout}"
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 4 agents, 4 routes, 3 policies"));
+    // Deletion is only ever forbidden: check says so, and nothing else.
+    assert!(
+        stdout.contains(
+            "warning: routes[2]: no permit policy mentions action `Action::\"DeleteRepo\"`"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("warning").count(), 1, "{stdout}");
+
+    // The example's expected decisions, as data: a table test of the
+    // policies through the same chain the proxy runs.
+    let cases = repo().join("deploy/examples/decisions.yaml");
+    let cases_arg = cases.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = tether(&["explain", "--cases", &cases_arg]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("11 passed, 0 failed"), "{stdout}");
+
+    // A wrong expectation fails, naming the case and the difference.
+    let wrong = dir.path().join("wrong.yaml");
+    let text = std::fs::read_to_string(&cases).expect("cases");
+    std::fs::write(
+        &wrong,
+        text.replacen(
+            "decision: allow, reason: allowed",
+            "decision: deny, reason: allowed",
+            1,
+        ),
+    )
+    .expect("write");
+    let wrong_arg = wrong.to_string_lossy().into_owned();
+    let (code, stdout, _) = tether(&["explain", "--cases", &wrong_arg]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL  the triage bot reads issues: decision `allow`, expected `deny`"),
+        "{stdout}"
+    );
+
+    // One request, explained.
+    let (code, stdout, _) = tether(&[
+        "explain",
+        "--agent",
+        "spiffe://example.org/agents/issue-triage",
+        "--method",
+        "DELETE",
+        "--path",
+        "/v1/repos/tether",
+        "--at",
+        "2026-12-01T12:00:00Z",
+    ]);
+    assert_eq!(code, Some(1), "denied exits 1: {stdout}");
+    for expected in [
+        "DENY  DELETE /v1/repos/tether  (policy_denied)",
+        "owner      alice@example.org (team platform)",
+        "action     Action::\"DeleteRepo\"",
+        "policies   no-repo-deletion-by-agents",
+        "refused by authorize: forbidden by no-repo-deletion-by-agents",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing `{expected}` in:\n{stdout}"
+        );
+    }
+
+    // An MCP tool call, explained with its body.
+    let (code, stdout, _) = tether(&[
+        "explain",
+        "--agent",
+        "spiffe://example.org/agents/issue-triage",
+        "--method",
+        "POST",
+        "--path",
+        "/mcp",
+        "--at",
+        "2026-12-01T12:00:00Z",
+        "--body",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"create_issue","arguments":{"repo":"private-x"}}}"#,
+    ]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("policies   no-issues-in-private-repos"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("resource   Tool::\"create_issue\""),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -207,9 +207,38 @@ pub struct Route {
     /// `/v1/repos/{repo}/issues`. A parameter matches one whole segment.
     pub path: String,
     /// The Cedar action id, e.g. `ListIssues` for `Action::"ListIssues"`.
-    pub action: String,
-    /// The Cedar resource the request acts on.
+    /// Required, except on MCP routes, where the JSON-RPC method is the
+    /// action.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// The Cedar resource the request acts on (on MCP routes: what methods
+    /// other than `tools/call` act on).
     pub resource: ResourceSpec,
+    /// Marks an MCP endpoint (JSON-RPC 2.0 over HTTP): the body is read
+    /// and each call authorized by its method and tool.
+    #[serde(default)]
+    pub mcp: Option<McpSpec>,
+}
+
+/// An MCP endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpSpec {
+    /// The Cedar entity type of tools: `tools/call` of `create_issue` acts
+    /// on `<tool_type>::"create_issue"`.
+    #[serde(default = "default_tool_type")]
+    pub tool_type: String,
+    /// Largest request body accepted, at most 65536.
+    #[serde(default = "default_mcp_body")]
+    pub max_body_bytes: usize,
+}
+
+fn default_tool_type() -> String {
+    "Tool".into()
+}
+
+fn default_mcp_body() -> usize {
+    65_536
 }
 
 /// A Cedar resource built from a route match.

@@ -218,11 +218,30 @@ fn check_route(p: &mut Problems<'_>, i: usize, route: &crate::Route) {
             Vec::new()
         }
     };
-    if route.action.is_empty() || route.action.contains('"') {
-        p.push(
+    match (&route.action, &route.mcp) {
+        (Some(action), _) if action.is_empty() || action.contains('"') => p.push(
             format!("routes[{i}].action"),
             "must be a Cedar action id such as `ListIssues`",
-        );
+        ),
+        (None, None) => p.push(
+            format!("routes[{i}].action"),
+            "missing: every route but an MCP one names its Cedar action",
+        ),
+        _ => {}
+    }
+    if let Some(mcp) = &route.mcp {
+        if !is_cedar_path(&mcp.tool_type) {
+            p.push(
+                format!("routes[{i}].mcp.tool_type"),
+                format!("`{}` is not a Cedar entity type name", mcp.tool_type),
+            );
+        }
+        if mcp.max_body_bytes == 0 || mcp.max_body_bytes > 65_536 {
+            p.push(
+                format!("routes[{i}].mcp.max_body_bytes"),
+                "must be between 1 and 65536 (Tether holds the body to replay it upstream)",
+            );
+        }
     }
     if !is_cedar_path(&route.resource.entity_type) {
         p.push(

@@ -240,15 +240,18 @@ impl PolicyEngine {
                 "action `{action}` does not apply to principal type `{principal_type}` in the schema"
             ));
         }
+        let resource_type = route
+            .mcp
+            .as_ref()
+            .map_or(&route.resource_type, |m| &m.tool_type);
         let resources = self
             .schema
             .resources_for_action(action)
             .into_iter()
             .flatten();
-        if !resources.into_iter().any(|r| *r == route.resource_type) {
+        if !resources.into_iter().any(|r| r == resource_type) {
             return Err(format!(
-                "action `{action}` does not apply to resource type `{}` in the schema",
-                route.resource_type
+                "action `{action}` does not apply to resource type `{resource_type}` in the schema"
             ));
         }
         Ok(())
@@ -270,6 +273,8 @@ pub struct RequestContext {
     pub weekday: u8,
     /// UTC hour, 0 to 23.
     pub hour: u8,
+    /// An MCP `tools/call`'s arguments, canonical JSON.
+    pub arguments: Option<Arc<str>>,
 }
 
 /// Everything a decision depends on: the cache key, and the only input of
@@ -308,6 +313,7 @@ impl DecisionInput {
                 source_ip: ctx.client_addr,
                 weekday: started.weekday().number_from_monday(),
                 hour: started.hour(),
+                arguments: ctx.mcp.as_ref().and_then(|m| m.arguments.clone()),
             },
         })
     }
@@ -402,6 +408,12 @@ fn cedar_context(trust_domain: &str, c: &RequestContext) -> Result<Context, Stri
             .map_err(|e| e.to_string())?,
         ),
     ];
+    if let Some(arguments) = &c.arguments {
+        pairs.push((
+            "arguments".to_string(),
+            crate::mcp::arguments_expression(arguments)?,
+        ));
+    }
     if let Some(ip) = c.source_ip {
         pairs.push((
             "source_ip".to_string(),

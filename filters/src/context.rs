@@ -10,6 +10,7 @@ use tether_config::spiffe::SpiffeId;
 use crate::authorize::Decision;
 use crate::identity::PeerIdentity;
 use crate::lifecycle::Agent;
+use crate::mcp::McpCall;
 use crate::route::RouteMatch;
 use crate::{Denial, Snapshot};
 
@@ -65,12 +66,16 @@ pub struct RequestCtx {
     pub peer: Option<Arc<PeerIdentity>>,
     /// The normalized path (no query), as routed, decided and forwarded.
     pub path: String,
+    /// The request body, when a stage needed it (bounded by that stage).
+    pub body: Option<bytes::Bytes>,
     /// identity: the verified caller.
     pub principal: Option<Principal>,
     /// lifecycle: the registered agent behind the principal.
     pub agent: Option<Arc<Agent>>,
     /// route: the matched route and the resource it names.
     pub route: Option<RouteMatch>,
+    /// mcp: the JSON-RPC call, on MCP routes.
+    pub mcp: Option<McpCall>,
     /// authorize: Cedar's decision.
     pub decision: Option<Arc<Decision>>,
     /// authorize: whether the decision came from the cache.
@@ -91,13 +96,37 @@ impl RequestCtx {
             client_addr: None,
             peer: None,
             path: String::new(),
+            body: None,
             principal: None,
             agent: None,
             route: None,
+            mcp: None,
             decision: None,
             cache_hit: None,
             denial: None,
             denied_by: None,
+        }
+    }
+}
+
+impl RequestCtx {
+    /// Whether the request is on an MCP route.
+    pub fn is_mcp(&self) -> bool {
+        self.route
+            .as_ref()
+            .and_then(|m| self.snapshot.routes.get(m.index))
+            .is_some_and(|r| r.mcp.is_some())
+    }
+
+    /// The body a refusal is answered with: a JSON-RPC error on MCP
+    /// routes (what an MCP client can read), `{"error", "reason",
+    /// "request_id"}` elsewhere.
+    pub fn refusal_body(&self, denial: &Denial) -> Vec<u8> {
+        let request_id = self.request_id.to_string();
+        if self.is_mcp() {
+            crate::mcp::error_body(self.mcp.as_ref(), denial, &request_id)
+        } else {
+            denial.body(&request_id)
         }
     }
 }

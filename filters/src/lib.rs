@@ -13,6 +13,7 @@ pub mod credentials;
 pub mod identity;
 pub mod lifecycle;
 pub mod lint;
+pub mod mcp;
 pub mod reason;
 pub mod record;
 pub mod route;
@@ -33,6 +34,28 @@ pub trait Filter: Send + Sync {
     /// Reads (and may rewrite) the request, records what it learned in
     /// `ctx`, and returns `Err` to stop the request.
     fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial>;
+
+    /// If this stage must see the request body before it can decide, the
+    /// most bytes it accepts. The chain then pauses until the proxy has
+    /// read the body into `ctx.body`.
+    fn body_limit(&self, _ctx: &RequestCtx) -> Option<usize> {
+        None
+    }
+}
+
+/// How far a chain run got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Every stage passed.
+    Done,
+    /// The stage at `resume_at` needs the body, at most `limit` bytes:
+    /// read it into `ctx.body` and call [`Chain::run_from`].
+    NeedsBody {
+        /// Where to resume.
+        resume_at: usize,
+        /// The most bytes to read.
+        limit: usize,
+    },
 }
 
 /// The stages in the order they run.
@@ -46,17 +69,41 @@ impl Chain {
         Chain { filters }
     }
 
-    /// Runs every stage until one denies. The denial and the stage that
-    /// made it are kept in `ctx` for the response and the record.
-    pub fn run(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
-        for filter in &self.filters {
+    /// Runs every stage until one denies or needs the body. The denial and
+    /// the stage that made it are kept in `ctx` for the response and the
+    /// record.
+    pub fn run(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<Progress, Denial> {
+        self.run_from(0, req, ctx)
+    }
+
+    /// Runs the stages from `start` on.
+    pub fn run_from(
+        &self,
+        start: usize,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<Progress, Denial> {
+        for (i, filter) in self.filters.iter().enumerate().skip(start) {
+            if ctx.body.is_none() {
+                if let Some(limit) = filter.body_limit(ctx) {
+                    return Ok(Progress::NeedsBody {
+                        resume_at: i,
+                        limit,
+                    });
+                }
+            }
             if let Err(denial) = filter.apply(req, ctx) {
                 ctx.denied_by = Some(filter.name());
                 ctx.denial = Some(denial.clone());
                 return Err(denial);
             }
         }
-        Ok(())
+        Ok(Progress::Done)
+    }
+
+    /// The name of the stage at `index`.
+    pub fn name_at(&self, index: usize) -> &'static str {
+        self.filters.get(index).map_or("chain", |f| f.name())
     }
 
     /// The stage names, in order.

@@ -23,7 +23,30 @@ pub fn lint(snapshot: &Snapshot) -> Vec<Warning> {
     let action_in = |b: &EntityUid, a: &EntityUid| {
         a == b || actions.as_ref().is_some_and(|e| e.is_ancestor_of(a, b))
     };
-    let routed: Vec<&EntityUid> = snapshot.routes.iter().map(|r| &r.action_uid).collect();
+    // Actions requests can carry: each route's, and on MCP routes every
+    // action the schema applies to the route's resource or tool types.
+    let mut routed: Vec<EntityUid> = snapshot
+        .routes
+        .iter()
+        .map(|r| r.action_uid.clone())
+        .collect();
+    for route in snapshot.routes.iter() {
+        if let Some(mcp) = &route.mcp {
+            for action in engine.schema.actions() {
+                let on = engine
+                    .schema
+                    .resources_for_action(action)
+                    .into_iter()
+                    .flatten();
+                if on
+                    .into_iter()
+                    .any(|t| *t == route.resource_type || *t == mcp.tool_type)
+                {
+                    routed.push(action.clone());
+                }
+            }
+        }
+    }
     let applies_to = |policy: &Policy, action: &EntityUid| match policy.action_constraint() {
         ActionConstraint::Any => true,
         ActionConstraint::Eq(a) => action_in(action, &a),

@@ -12,6 +12,11 @@ pub enum Reason {
     /// The path could not be normalized (bad percent-encoding, NUL, not
     /// origin form).
     BadPath,
+    /// The body is malformed for its route (an MCP call that is not one
+    /// JSON-RPC request).
+    BadRequest,
+    /// The body is larger than its route accepts.
+    BodyTooLarge,
     /// No verified workload identity came with the request.
     NoIdentity,
     /// The identity is not a registered agent.
@@ -34,9 +39,11 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Allowed,
         Reason::BadPath,
+        Reason::BadRequest,
+        Reason::BodyTooLarge,
         Reason::NoIdentity,
         Reason::Unregistered,
         Reason::Expired,
@@ -53,6 +60,8 @@ impl Reason {
         match self {
             Reason::Allowed => "allowed",
             Reason::BadPath => "bad_path",
+            Reason::BadRequest => "bad_request",
+            Reason::BodyTooLarge => "body_too_large",
             Reason::NoIdentity => "no_identity",
             Reason::Unregistered => "unregistered",
             Reason::Expired => "expired",
@@ -70,7 +79,8 @@ impl Reason {
     pub fn status(self) -> u16 {
         match self {
             Reason::Allowed => 200,
-            Reason::BadPath => 400,
+            Reason::BadPath | Reason::BadRequest => 400,
+            Reason::BodyTooLarge => 413,
             Reason::NoIdentity => 401,
             Reason::Unregistered
             | Reason::Expired
@@ -88,6 +98,8 @@ impl Reason {
         match self {
             Reason::Allowed => "allowed",
             Reason::BadPath => "the request path is malformed",
+            Reason::BadRequest => "the request body is malformed",
+            Reason::BodyTooLarge => "the request body is too large",
             Reason::NoIdentity => "no verified workload identity was presented",
             Reason::Unregistered => "the identity is not a registered agent",
             Reason::Expired => "the agent's registration has expired",

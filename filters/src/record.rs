@@ -199,6 +199,12 @@ pub struct AuditRecord<'a> {
     pub action: Option<String>,
     /// The Cedar resource.
     pub resource: Option<String>,
+    /// The JSON-RPC method, on MCP routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_method: Option<&'a str>,
+    /// The tool called, on MCP routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<&'a str>,
     /// The policies that determined the decision.
     pub policies: &'a [String],
     /// Whether the decision came from the cache.
@@ -263,6 +269,8 @@ impl<'a> AuditRecord<'a> {
             route: template,
             action: ctx.route.as_ref().map(|m| m.action.to_string()),
             resource: ctx.route.as_ref().map(|m| m.resource.to_string()),
+            mcp_method: ctx.mcp.as_ref().map(|m| m.method.as_str()),
+            tool: ctx.mcp.as_ref().and_then(|m| m.tool.as_deref()),
             policies: ctx.decision.as_deref().map_or(&[], |d| &d.policies),
             cached: ctx.cache_hit,
             shadow: ctx

@@ -7,6 +7,7 @@ use cedar_policy::{EntityId, EntityTypeName, EntityUid};
 use pingora_http::RequestHeader;
 use tether_config::{Methods, Route};
 
+use crate::mcp::McpRoute;
 use crate::{Denial, Filter, Reason, RequestCtx};
 
 enum Segment {
@@ -30,6 +31,8 @@ pub struct CompiledRoute {
     pub action_uid: EntityUid,
     /// The Cedar resource type.
     pub resource_type: EntityTypeName,
+    /// Set on MCP routes.
+    pub mcp: Option<McpRoute>,
     methods: Option<Vec<String>>,
     segments: Vec<Segment>,
     resource_id: Vec<IdPart>,
@@ -175,14 +178,31 @@ fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
     let action_type: EntityTypeName = qualified(namespace, "Action")
         .parse()
         .map_err(|e| format!("action type: {e}"))?;
+    // On an MCP route the JSON-RPC method is the action; `tools/call`
+    // stands for the route when checking it against the schema.
+    let (action, mcp) = match (&r.action, &r.mcp) {
+        (_, Some(spec)) => {
+            let tool_type = qualified(namespace, &spec.tool_type)
+                .parse()
+                .map_err(|e| format!("`{}`: {e}", spec.tool_type))?;
+            let mcp = McpRoute {
+                tool_type,
+                max_body: spec.max_body_bytes.min(crate::mcp::MAX_BODY),
+            };
+            ("tools/call".to_string(), Some(mcp))
+        }
+        (Some(action), None) => (action.clone(), None),
+        (None, None) => return Err("the route names no action".into()),
+    };
     let resource_type: EntityTypeName = qualified(namespace, &r.resource.entity_type)
         .parse()
         .map_err(|e| format!("`{}`: {e}", r.resource.entity_type))?;
     Ok(CompiledRoute {
         template: r.path.as_str().into(),
-        action: r.action.as_str().into(),
-        action_uid: EntityUid::from_type_name_and_id(action_type, EntityId::new(&r.action)),
+        action_uid: EntityUid::from_type_name_and_id(action_type, EntityId::new(&action)),
+        action: action.into(),
         resource_type,
+        mcp,
         methods,
         segments,
         resource_id,

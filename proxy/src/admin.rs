@@ -81,6 +81,8 @@ impl ServeHttp for AdminApp {
             .status(status)
             .header("content-type", content_type)
             .header("content-length", body.len())
+            // Lets a supervisor (or a test) tell which process answered.
+            .header("x-tether-pid", std::process::id())
             .body(body)
             .unwrap_or_default()
     }

@@ -15,6 +15,7 @@ use tether_filters::credentials::Credentials;
 use tether_filters::identity::tls::SpiffeClientVerifier;
 use tether_filters::identity::Identity;
 use tether_filters::lifecycle::Lifecycle;
+use tether_filters::mcp::Mcp;
 use tether_filters::record::{AuditSink, Metrics};
 use tether_filters::route::Routing;
 use tether_filters::sanitize::Sanitize;
@@ -61,6 +62,9 @@ pub fn chain(cache: Arc<DecisionCache>, metrics: &Metrics) -> Chain {
         Box::new(Lifecycle),
         // What it is doing: method and normalized path to action and resource.
         Box::new(Routing),
+        // On MCP routes, the JSON-RPC method and tool refine the action and
+        // resource: it needs the route, and must precede the decision.
+        Box::new(Mcp),
         // Whether policy allows it: needs the principal, agent and route.
         Box::new(Authorize::new(cache, metrics.shadow_disagreements.clone())),
         // Last: only an allowed request gets the verified identity headers.

@@ -96,6 +96,17 @@ impl Client {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Response> {
+        self.send_body(method, path, headers, b"").await
+    }
+
+    /// Sends one request with a body (framed by `content-length`).
+    pub async fn send_body(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> anyhow::Result<Response> {
         let tcp = TcpStream::connect(self.addr).await?;
         let name = ServerName::IpAddress(self.addr.ip().into());
         let mut tls = self.connector.connect(name, tcp).await?;
@@ -106,8 +117,12 @@ impl Client {
         for (n, v) in headers {
             request.push_str(&format!("{n}: {v}\r\n"));
         }
+        if !body.is_empty() {
+            request.push_str(&format!("content-length: {}\r\n", body.len()));
+        }
         request.push_str("\r\n");
         tls.write_all(request.as_bytes()).await?;
+        tls.write_all(body).await?;
         tls.flush().await?;
         let mut raw = Vec::new();
         // A server that closes without close_notify is fine once we have
@@ -159,7 +174,29 @@ impl Connection {
     }
 }
 
-/// Parses a whole HTTP/1.1 response (content-length or read-to-close).
+/// Decodes a chunked body (extensions and trailers ignored).
+fn dechunk(mut raw: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("truncated chunk size")?;
+        let size_text = std::str::from_utf8(&raw[..line_end])?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size `{size_text}`"))?;
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return Ok(body);
+        }
+        let chunk = raw.get(..size).context("truncated chunk")?;
+        body.extend_from_slice(chunk);
+        raw = raw.get(size + 2..).context("truncated chunk end")?;
+    }
+}
+
+/// Parses a whole HTTP/1.1 response (content-length, chunked, or
+/// read-to-close).
 pub fn parse_response(raw: &[u8]) -> anyhow::Result<Response> {
     let head_end = raw
         .windows(4)
@@ -177,8 +214,13 @@ pub fn parse_response(raw: &[u8]) -> anyhow::Result<Response> {
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     let mut body = raw[head_end + 4..].to_vec();
-    if let Some(len) = headers
+    if chunked {
+        body = dechunk(&body)?;
+    } else if let Some(len) = headers
         .iter()
         .find(|(n, _)| n == "content-length")
         .and_then(|(_, v)| v.parse::<usize>().ok())

@@ -23,7 +23,7 @@ pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/examples/tether.yaml
 /// The example Cedar schema.
 pub const EXAMPLE_SCHEMA: &str = include_str!("../../deploy/examples/tether.cedarschema");
 /// The example policies, by file name.
-pub const EXAMPLE_POLICIES: [(&str, &str); 2] = [
+pub const EXAMPLE_POLICIES: [(&str, &str); 3] = [
     (
         "repos.cedar",
         include_str!("../../deploy/examples/policies/repos.cedar"),
@@ -31,6 +31,10 @@ pub const EXAMPLE_POLICIES: [(&str, &str); 2] = [
     (
         "admin.cedar",
         include_str!("../../deploy/examples/policies/admin.cedar"),
+    ),
+    (
+        "mcp.cedar",
+        include_str!("../../deploy/examples/policies/mcp.cedar"),
     ),
 ];
 
@@ -147,59 +151,83 @@ pub fn start_sandbox(
         write(&format!("policies/{name}"), text)?;
     }
 
-    let proxy = free_port()?;
-    let admin = free_port()?;
     let audit = dir.path().join("audit.log");
     let mut config = Config::from_yaml(EXAMPLE_CONFIG, Path::new("tether.yaml"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    config.listener.address = proxy.to_string();
-    config.admin.address = admin.to_string();
     config.upstream.address = upstream.to_string();
     config.registry.file = None;
     config.registry.agents = demo_agents()?;
     config.telemetry.otlp = None;
     config.audit.output = audit.display().to_string();
     customize(&mut config);
-    let config_path = write("tether.yaml", &config.to_yaml())?;
 
-    let log = std::fs::File::create(dir.path().join("tether.log"))?;
-    let child = Command::new(tether)
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", tether.display()))?;
-    let mut sandbox = Sandbox {
-        dir,
-        pki,
-        proxy,
-        admin,
-        audit,
-        config: config_path,
-        child,
-    };
-    wait_ready(&mut sandbox)?;
-    Ok(sandbox)
+    // Free ports are picked, released, then bound by the child: another
+    // process may take one in between. So a start that fails to bind, or
+    // whose port answers from another process, is retried on new ports.
+    let mut last_error = None;
+    for _ in 0..5 {
+        let (proxy, admin) = (free_port()?, free_port()?);
+        config.listener.address = proxy.to_string();
+        config.admin.address = admin.to_string();
+        let config_path = write("tether.yaml", &config.to_yaml())?;
+        let log = std::fs::File::create(dir.path().join("tether.log"))?;
+        let mut child = Command::new(tether)
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", tether.display()))?;
+        match wait_ready(&mut child, proxy, admin) {
+            Ok(()) => {
+                return Ok(Sandbox {
+                    dir,
+                    pki,
+                    proxy,
+                    admin,
+                    audit,
+                    config: config_path,
+                    child,
+                })
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log =
+                    std::fs::read_to_string(dir.path().join("tether.log")).unwrap_or_default();
+                last_error = Some(e.context(log));
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("tether did not start")))
 }
 
-fn wait_ready(sandbox: &mut Sandbox) -> anyhow::Result<()> {
+/// Waits until `child` itself serves: its admin listener names its pid and
+/// its proxy listener accepts connections.
+fn wait_ready(child: &mut Child, proxy: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let pid = child.id().to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(status) = sandbox.child.try_wait()? {
-            let log =
-                std::fs::read_to_string(sandbox.dir.path().join("tether.log")).unwrap_or_default();
-            anyhow::bail!("tether exited with {status} before it was ready:\n{log}");
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("tether exited with {status} before it was ready");
         }
-        if rt
-            .block_on(admin_get(sandbox.admin, "/readyz"))
-            .is_ok_and(|r| r.status == 200)
-        {
-            return Ok(());
+        let ready = rt.block_on(admin_get(admin, "/readyz"));
+        match ready {
+            Ok(r)
+                if r.status == 200
+                    && r.header("x-tether-pid") == Some(pid.as_str())
+                    && std::net::TcpStream::connect(proxy).is_ok() =>
+            {
+                return Ok(());
+            }
+            Ok(r) if r.header("x-tether-pid") != Some(pid.as_str()) => {
+                anyhow::bail!("admin port {admin} is served by another process")
+            }
+            _ => {}
         }
         if Instant::now() > deadline {
             anyhow::bail!("tether was not ready after 20 s");

@@ -20,6 +20,24 @@ pub async fn start() -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// A minimal MCP server: `tools/list` offers three tools; any other call
+/// is answered with what was received, so a test sees what was forwarded.
+fn json_rpc(
+    call: &serde_json::Value,
+    headers: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Value {
+    let result = if call["method"] == "tools/list" {
+        serde_json::json!({"tools": [
+            {"name": "search_issues", "description": "search issues"},
+            {"name": "create_issue", "description": "file an issue"},
+            {"name": "delete_repo", "description": "delete a repository"},
+        ]})
+    } else {
+        serde_json::json!({"received": call, "headers": headers})
+    };
+    serde_json::json!({"jsonrpc": "2.0", "id": call["id"], "result": result})
+}
+
 /// Serves keep-alive requests on one connection until it closes.
 async fn serve(mut stream: TcpStream) {
     let mut buf = Vec::with_capacity(4096);
@@ -60,18 +78,22 @@ async fn serve(mut stream: TcpStream) {
             }
         }
         consumed += body_len;
-        buf.drain(..consumed);
-        let body = serde_json::json!({
-            "upstream": "echo",
-            "method": method,
-            "target": target,
-            "headers": headers,
-        })
+        let request_body = &buf[head_end + 4..consumed];
+        let body = match serde_json::from_slice::<serde_json::Value>(request_body) {
+            Ok(call) if call.get("jsonrpc").is_some() => json_rpc(&call, &headers),
+            _ => serde_json::json!({
+                "upstream": "echo",
+                "method": method,
+                "target": target,
+                "headers": headers,
+            }),
+        }
         .to_string();
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
+        buf.drain(..consumed);
         if stream.write_all(response.as_bytes()).await.is_err() {
             return;
         }

@@ -15,7 +15,7 @@ use tether_config::Config;
 use tether_filters::authorize::DecisionCache;
 use tether_filters::identity::PeerIdentity;
 use tether_filters::record::{AuditRecord, Metrics};
-use tether_filters::{Chain, Reason, RequestCtx, Snapshot};
+use tether_filters::{Chain, Progress, Reason, RequestCtx, Snapshot};
 
 /// A described request.
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +37,9 @@ pub struct Query {
     /// When the request is made (RFC 3339); default now.
     #[serde(default)]
     pub at: Option<String>,
+    /// The request body (an MCP JSON-RPC call, on MCP routes).
+    #[serde(default)]
+    pub body: Option<String>,
     /// Expected outcome (cases files only).
     #[serde(default)]
     pub expect: Option<Expect>,
@@ -104,8 +107,13 @@ impl Explainer {
         }
         ctx.client_addr = q.source_ip;
         ctx.peer = Some(Arc::new(PeerIdentity { id, not_after: 0 }));
-        let reason = match self.chain.run(&mut req, &mut ctx) {
-            Ok(()) => Reason::Allowed,
+        let mut progress = self.chain.run(&mut req, &mut ctx);
+        if let Ok(Progress::NeedsBody { resume_at, .. }) = progress {
+            ctx.body = Some(q.body.clone().unwrap_or_default().into());
+            progress = self.chain.run_from(resume_at, &mut req, &mut ctx);
+        }
+        let reason = match progress {
+            Ok(_) => Reason::Allowed,
             Err(denial) => denial.reason,
         };
         let status = if reason.is_allowed() {

@@ -53,6 +53,9 @@ enum Command {
         /// When the request is made, RFC 3339 (default: now).
         #[arg(long)]
         at: Option<String>,
+        /// The request body (an MCP JSON-RPC call, on MCP routes).
+        #[arg(long)]
+        body: Option<String>,
         /// Print the full record as JSON.
         #[arg(long)]
         json: bool,
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
             path,
             source_ip,
             at,
+            body,
             json,
         } => {
             let query = tether::explain::Query {
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
                 path: path.unwrap_or_default(),
                 source_ip,
                 at,
+                body,
                 expect: None,
             };
             tether::explain::run(&config, &query, json)

@@ -12,8 +12,9 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, Result};
 use pingora_http::RequestHeader;
 use tether_filters::credentials::REQUEST_ID_HEADER;
+use tether_filters::mcp;
 use tether_filters::record::AuditRecord;
-use tether_filters::{Denial, Reason, RequestCtx};
+use tether_filters::{Denial, Progress, Reason, RequestCtx};
 
 use crate::app::App;
 use crate::telemetry::{RequestSpan, Telemetry};
@@ -29,7 +30,20 @@ pub struct TetherProxy {
 pub struct Ctx {
     req: RequestCtx,
     span: Option<RequestSpan>,
+    tools_list: Option<ToolsList>,
 }
+
+/// A `tools/list` response being filtered.
+enum ToolsList {
+    /// JSON arriving: held until complete (bounded), then filtered.
+    Buffering(Vec<u8>),
+    /// Not something Tether can filter: replaced by an error, since an
+    /// unfiltered list would show tools the agent may not call.
+    Refuse,
+}
+
+/// Most bytes of a `tools/list` response held for filtering.
+const MAX_TOOLS_LIST: usize = 4 * 1024 * 1024;
 
 impl TetherProxy {
     /// A proxy forwarding to `upstream`.
@@ -39,7 +53,7 @@ impl TetherProxy {
 
     async fn refuse(&self, session: &mut Session, ctx: &Ctx, denial: &Denial) -> Result<()> {
         let request_id = ctx.req.request_id.to_string();
-        let body = Bytes::from(denial.body(&request_id));
+        let body = Bytes::from(ctx.req.refusal_body(denial));
         let mut resp = ResponseHeader::build(denial.reason.status(), Some(4))?;
         resp.insert_header("content-type", "application/json")?;
         resp.insert_header("content-length", body.len().to_string())?;
@@ -60,6 +74,7 @@ impl ProxyHttp for TetherProxy {
             // under one version even if a reload lands mid-request.
             req: RequestCtx::new(self.app.snapshot.load_full()),
             span: None,
+            tools_list: None,
         }
     }
 
@@ -74,11 +89,29 @@ impl ProxyHttp for TetherProxy {
             .app
             .telemetry
             .start(session.req_header(), ctx.req.started);
-        match self.app.chain.run(session.req_header_mut(), &mut ctx.req) {
-            Ok(()) => Ok(false),
-            Err(denial) => {
-                self.refuse(session, ctx, &denial).await?;
-                Ok(true)
+        let mut progress = self.app.chain.run(session.req_header_mut(), &mut ctx.req);
+        loop {
+            match progress {
+                Ok(Progress::Done) => return Ok(false),
+                Ok(Progress::NeedsBody { resume_at, limit }) => {
+                    match read_body(session, limit).await {
+                        Ok(body) => ctx.req.body = Some(body),
+                        Err(denial) => {
+                            ctx.req.denied_by = Some(self.app.chain.name_at(resume_at));
+                            ctx.req.denial = Some(denial.clone());
+                            self.refuse(session, ctx, &denial).await?;
+                            return Ok(true);
+                        }
+                    }
+                    progress =
+                        self.app
+                            .chain
+                            .run_from(resume_at, session.req_header_mut(), &mut ctx.req);
+                }
+                Err(denial) => {
+                    self.refuse(session, ctx, &denial).await?;
+                    return Ok(true);
+                }
             }
         }
     }
@@ -106,7 +139,68 @@ impl ProxyHttp for TetherProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         resp.insert_header(REQUEST_ID_HEADER, ctx.req.request_id.to_string())?;
+        if ctx
+            .req
+            .mcp
+            .as_ref()
+            .is_some_and(|m| m.method == "tools/list")
+        {
+            let json = resp
+                .headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("json"));
+            ctx.tools_list = Some(if json && resp.status.is_success() {
+                ToolsList::Buffering(Vec::new())
+            } else {
+                ToolsList::Refuse
+            });
+            if !json {
+                resp.set_status(502)?;
+                resp.insert_header("content-type", "application/json")?;
+            }
+            // The filtered body has another length.
+            resp.remove_header("content-length");
+            resp.insert_header("transfer-encoding", "chunked")?;
+        }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        let Some(state) = &mut ctx.tools_list else {
+            return Ok(None);
+        };
+        if let (ToolsList::Buffering(held), Some(chunk)) = (&mut *state, body.take()) {
+            if held.len() + chunk.len() > MAX_TOOLS_LIST {
+                *state = ToolsList::Refuse;
+            } else {
+                held.extend_from_slice(&chunk);
+            }
+        }
+        if !end_of_stream {
+            return Ok(None);
+        }
+        let filtered = match state {
+            ToolsList::Buffering(held) => mcp::filter_tools(held, |tool| {
+                mcp::tool_visible(&self.app.cache, &ctx.req, tool)
+            }),
+            ToolsList::Refuse => Err("tools/list response is not JSON Tether can filter".into()),
+        };
+        *body = Some(Bytes::from(filtered.unwrap_or_else(|e| {
+            log::warn!("{e}: replaced by an error");
+            mcp::error_body(
+                ctx.req.mcp.as_ref(),
+                &Denial::new(Reason::UpstreamError, e),
+                &ctx.req.request_id.to_string(),
+            )
+        })));
+        Ok(None)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -147,6 +241,33 @@ impl ProxyHttp for TetherProxy {
         self.app.audit.write(&record);
         if let Some(span) = ctx.span.take() {
             self.app.telemetry.finish(span, &record);
+        }
+    }
+}
+
+/// Reads the request body, at most `limit` bytes, into pingora's replay
+/// buffer too, so the upstream still receives it after we decided on it.
+async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<Bytes, Denial> {
+    session.enable_retry_buffering();
+    let mut body = bytes::BytesMut::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(Denial::new(
+                        Reason::BodyTooLarge,
+                        format!("body is over {limit} bytes"),
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => {
+                return Err(Denial::new(
+                    Reason::BadRequest,
+                    format!("cannot read the body: {e}"),
+                ))
+            }
         }
     }
 }

@@ -193,6 +193,8 @@ fn attributes(r: &AuditRecord<'_>) -> Vec<KeyValue> {
     text("tether.stage", r.stage);
     text("tether.action", r.action.as_deref());
     text("tether.resource", r.resource.as_deref());
+    text("mcp.method.name", r.mcp_method);
+    text("gen_ai.tool.name", r.tool);
     if !r.policies.is_empty() {
         a.push(KeyValue::new(
             "tether.policies",

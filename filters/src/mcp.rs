@@ -1,0 +1,357 @@
+//! MCP (JSON-RPC 2.0 over HTTP): tool-level authorization.
+//!
+//! On a route marked `mcp`, the request body is read (bounded) and parsed
+//! before anything is forwarded. The JSON-RPC method becomes the Cedar
+//! action (`Action::"tools/call"`, `Action::"tools/list"`, ...); a
+//! `tools/call` acts on the tool (`Tool::"create_issue"`) and hands its
+//! arguments to policy as `context.arguments`; other methods act on the
+//! route's resource. Batches, malformed JSON and over-size bodies are
+//! refused with a JSON-RPC error and never reach policy or the upstream.
+
+use std::sync::Arc;
+
+use cedar_policy::{EntityId, EntityTypeName, EntityUid, RestrictedExpression};
+use pingora_http::RequestHeader;
+use serde_json::Value;
+
+use crate::authorize::{DecisionCache, DecisionInput};
+use crate::{Denial, Filter, Reason, RequestCtx};
+
+/// Largest body an MCP route may accept: what Tether can hold to replay
+/// to the upstream after deciding on it.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Deepest nesting of tool arguments handed to policy.
+const MAX_DEPTH: usize = 16;
+
+/// JSON-RPC error codes.
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+/// Server-defined: refused by Tether.
+const REFUSED: i64 = -32001;
+
+/// An MCP route's settings, compiled.
+#[derive(Debug, Clone)]
+pub struct McpRoute {
+    /// The Cedar type of tools.
+    pub tool_type: EntityTypeName,
+    /// Largest body accepted.
+    pub max_body: usize,
+}
+
+/// The JSON-RPC call a request carries.
+#[derive(Debug, Clone)]
+pub struct McpCall {
+    /// The request id (absent for notifications).
+    pub id: Option<Value>,
+    /// The JSON-RPC method.
+    pub method: String,
+    /// For `tools/call`: the tool's name.
+    pub tool: Option<String>,
+    /// For `tools/call`: the arguments, as canonical JSON.
+    pub arguments: Option<Arc<str>>,
+}
+
+impl McpCall {
+    /// Parses a JSON-RPC request body.
+    pub fn parse(body: &[u8]) -> Result<McpCall, Denial> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| Denial::new(Reason::BadRequest, format!("body is not JSON: {e}")))?;
+        let Value::Object(obj) = value else {
+            let what = if value.is_array() {
+                "JSON-RPC batches are not accepted: send one call per request, so each is authorized"
+            } else {
+                "a JSON-RPC request must be an object"
+            };
+            return Err(Denial::new(Reason::BadRequest, what));
+        };
+        if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+            return Err(Denial::new(Reason::BadRequest, "`jsonrpc` must be \"2.0\""));
+        }
+        let Some(method) = obj.get("method").and_then(Value::as_str) else {
+            return Err(Denial::new(Reason::BadRequest, "`method` is missing"));
+        };
+        let mut call = McpCall {
+            id: obj.get("id").cloned(),
+            method: method.to_string(),
+            tool: None,
+            arguments: None,
+        };
+        if method == "tools/call" {
+            let params = obj.get("params").and_then(Value::as_object);
+            let Some(name) = params.and_then(|p| p.get("name")).and_then(Value::as_str) else {
+                return Err(Denial::new(
+                    Reason::BadRequest,
+                    "`tools/call` without `params.name`",
+                ));
+            };
+            let arguments = params
+                .and_then(|p| p.get("arguments"))
+                .cloned()
+                .unwrap_or(Value::Object(Default::default()));
+            if !arguments.is_object() {
+                return Err(Denial::new(
+                    Reason::BadRequest,
+                    "`params.arguments` must be an object",
+                ));
+            }
+            if depth(&arguments) > MAX_DEPTH {
+                return Err(Denial::new(
+                    Reason::BadRequest,
+                    "`params.arguments` is nested too deeply",
+                ));
+            }
+            call.tool = Some(name.to_string());
+            call.arguments = Some(arguments.to_string().into());
+        }
+        Ok(call)
+    }
+}
+
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Tool arguments as a Cedar value: strings, integers, booleans, records
+/// and sets map to their Cedar kinds; other numbers become strings; `null`
+/// members are left out (Cedar has no null). A policy that reads an
+/// argument as another type than it came in errors, and errors deny.
+pub fn arguments_expression(json: &str) -> Result<RestrictedExpression, String> {
+    let value: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    to_expression(&value).ok_or_else(|| "arguments are not an object".to_string())
+}
+
+fn to_expression(v: &Value) -> Option<RestrictedExpression> {
+    Some(match v {
+        Value::Null => return None,
+        Value::Bool(b) => RestrictedExpression::new_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => RestrictedExpression::new_long(i),
+            None => RestrictedExpression::new_string(n.to_string()),
+        },
+        Value::String(s) => RestrictedExpression::new_string(s.clone()),
+        Value::Array(items) => {
+            RestrictedExpression::new_set(items.iter().filter_map(to_expression))
+        }
+        Value::Object(members) => RestrictedExpression::new_record(
+            members
+                .iter()
+                .filter_map(|(k, v)| to_expression(v).map(|e| (k.clone(), e))),
+        )
+        .ok()?,
+    })
+}
+
+/// The JSON-RPC error a refused MCP call gets.
+pub fn error_body(call: Option<&McpCall>, denial: &Denial, request_id: &str) -> Vec<u8> {
+    let code = match denial.reason {
+        Reason::BadRequest if denial.detail.starts_with("body is not JSON") => PARSE_ERROR,
+        Reason::BadRequest | Reason::BodyTooLarge => INVALID_REQUEST,
+        _ => REFUSED,
+    };
+    let id = call.and_then(|c| c.id.clone()).unwrap_or(Value::Null);
+    // Malformed requests are the caller's to fix: say what is wrong.
+    // Refusals say only why, as for any other route.
+    let message = match denial.reason {
+        Reason::BadRequest | Reason::BodyTooLarge => denial.detail.to_string(),
+        r => r.message().to_string(),
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {
+            "code": code,
+            "message": message,
+            "data": {"reason": denial.reason.code(), "request_id": request_id},
+        },
+    }))
+    .unwrap_or_default()
+}
+
+/// Keeps only the tools `visible` allows in a `tools/list` response.
+pub fn filter_tools(body: &[u8], visible: impl Fn(&str) -> bool) -> Result<Vec<u8>, String> {
+    let mut value: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("tools/list response is not JSON: {e}"))?;
+    if let Some(tools) = value
+        .get_mut("result")
+        .and_then(|r| r.get_mut("tools"))
+        .and_then(Value::as_array_mut)
+    {
+        tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(&visible));
+    }
+    serde_json::to_vec(&value).map_err(|e| e.to_string())
+}
+
+/// Whether a `tools/list` response should show `tool` to the caller: it
+/// may call it, or it may depending on the arguments (a policy that reads
+/// them cannot be evaluated without them). What is certainly refused is
+/// hidden; each call is still decided on its own when it is made.
+pub fn tool_visible(cache: &DecisionCache, ctx: &RequestCtx, tool: &str) -> bool {
+    let Some(mut input) = DecisionInput::of(ctx) else {
+        return false;
+    };
+    let Some(compiled) = ctx
+        .route
+        .as_ref()
+        .and_then(|m| ctx.snapshot.routes.get(m.index))
+    else {
+        return false;
+    };
+    let Some(spec) = &compiled.mcp else {
+        return false;
+    };
+    input.action = compiled.action_uid.clone(); // `tools/call` on MCP routes
+    input.resource = EntityUid::from_type_name_and_id(spec.tool_type.clone(), EntityId::new(tool));
+    input.context.arguments = None;
+    let (decision, _) = cache.decide(&ctx.snapshot, input);
+    decision.allowed || !decision.errors.is_empty()
+}
+
+/// Maps the JSON-RPC call on an MCP route to its Cedar action and resource.
+pub struct Mcp;
+
+impl Filter for Mcp {
+    fn name(&self) -> &'static str {
+        "mcp"
+    }
+
+    fn body_limit(&self, ctx: &RequestCtx) -> Option<usize> {
+        let route = ctx.route.as_ref()?;
+        let mcp = ctx.snapshot.routes.get(route.index)?.mcp.as_ref()?;
+        Some(mcp.max_body)
+    }
+
+    fn apply(&self, _req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
+        let Some(limit) = self.body_limit(ctx) else {
+            return Ok(()); // not an MCP route
+        };
+        let Some(body) = &ctx.body else {
+            return Err(Denial::new(
+                Reason::Internal,
+                "MCP route without a read body",
+            ));
+        };
+        if body.len() > limit {
+            return Err(Denial::new(
+                Reason::BodyTooLarge,
+                format!("body is over {limit} bytes"),
+            ));
+        }
+        let call = McpCall::parse(body)?;
+        let Some(route) = ctx.route.as_mut() else {
+            return Err(Denial::new(Reason::Internal, "mcp ran before route"));
+        };
+        let compiled = ctx.snapshot.routes.get(route.index);
+        let (Some(compiled), Some(spec)) = (compiled, compiled.and_then(|c| c.mcp.as_ref())) else {
+            return Err(Denial::new(Reason::Internal, "MCP route vanished"));
+        };
+        let action = EntityUid::from_type_name_and_id(
+            compiled.action_uid.type_name().clone(),
+            EntityId::new(&call.method),
+        );
+        // A method the schema does not declare is one no policy can
+        // permit: refuse it here, clearly, rather than ask Cedar.
+        if ctx
+            .snapshot
+            .policy
+            .schema
+            .principals_for_action(&action)
+            .is_none()
+        {
+            let detail = format!(
+                "MCP method `{}` is not an action in the schema",
+                call.method
+            );
+            ctx.mcp = Some(call);
+            return Err(Denial::new(Reason::NoRoute, detail));
+        }
+        route.action = action;
+        if let Some(tool) = &call.tool {
+            route.resource =
+                EntityUid::from_type_name_and_id(spec.tool_type.clone(), EntityId::new(tool));
+        }
+        ctx.mcp = Some(call);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tools_call_names_the_tool_and_keeps_the_arguments() {
+        let call = McpCall::parse(
+            br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"create_issue","arguments":{"repo":"x","n":2}}}"#,
+        )
+        .expect("valid");
+        assert_eq!(call.method, "tools/call");
+        assert_eq!(call.tool.as_deref(), Some("create_issue"));
+        assert_eq!(call.id, Some(Value::from(7)));
+        let args: Value =
+            serde_json::from_str(call.arguments.as_deref().expect("args")).expect("json");
+        assert_eq!(args["repo"], "x");
+        assert!(arguments_expression(call.arguments.as_deref().expect("args")).is_ok());
+    }
+
+    #[test]
+    fn malformed_calls_are_refused_with_a_reason() {
+        for (body, expected) in [
+            (&br#"{"jsonrpc":"2.0","#[..], "not JSON"),
+            (br#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#, "batches"),
+            (br#"{"jsonrpc":"1.0","id":1,"method":"tools/list"}"#, "jsonrpc"),
+            (br#"{"jsonrpc":"2.0","id":1}"#, "method"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}"#, "params.name"),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":[1]}}"#,
+                "must be an object",
+            ),
+        ] {
+            let denial = McpCall::parse(body).expect_err("refused");
+            assert_eq!(denial.reason, Reason::BadRequest);
+            assert!(denial.detail.contains(expected), "{}: {}", expected, denial.detail);
+        }
+        let deep = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","arguments":{}1{}}}}}"#,
+            r#"{"a":"#.repeat(20),
+            "}".repeat(20)
+        );
+        assert!(McpCall::parse(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn errors_are_json_rpc_with_the_call_id() {
+        let call =
+            McpCall::parse(br#"{"jsonrpc":"2.0","id":"a1","method":"tools/list"}"#).expect("valid");
+        let body = error_body(
+            Some(&call),
+            &Denial::new(Reason::PolicyDenied, "secret"),
+            "r1",
+        );
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["id"], "a1");
+        assert_eq!(v["error"]["code"], REFUSED);
+        assert_eq!(v["error"]["data"]["reason"], "policy_denied");
+        assert!(!String::from_utf8_lossy(&body).contains("secret"));
+        let parse = error_body(
+            None,
+            &Denial::new(Reason::BadRequest, "body is not JSON: eof"),
+            "r2",
+        );
+        let v: Value = serde_json::from_slice(&parse).expect("json");
+        assert_eq!(v["error"]["code"], PARSE_ERROR);
+        assert_eq!(v["id"], Value::Null);
+    }
+
+    #[test]
+    fn tools_list_keeps_only_visible_tools() {
+        let body =
+            br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"a"},{"name":"b"},{"x":1}]}}"#;
+        let filtered = filter_tools(body, |name| name == "b").expect("filtered");
+        let v: Value = serde_json::from_slice(&filtered).expect("json");
+        assert_eq!(v["result"]["tools"], serde_json::json!([{"name": "b"}]));
+    }
+}

@@ -1,0 +1,186 @@
+//! MCP tool-level authorization end to end: a real JSON-RPC upstream on
+//! loopback behind the real binary, the example's MCP policies.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+use tether::client::Response;
+use tether::demo::{start_sandbox, Sandbox};
+
+const TETHER: &str = env!("CARGO_BIN_EXE_tether");
+const TRIAGE: &str = "spiffe://example.org/agents/issue-triage";
+
+struct World {
+    rt: tokio::runtime::Runtime,
+    sandbox: Sandbox,
+}
+
+fn world() -> World {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let upstream = rt.block_on(tether::echo::start()).expect("upstream");
+    let sandbox = start_sandbox(Path::new(TETHER), upstream, |_| {}).expect("tether");
+    World { rt, sandbox }
+}
+
+impl World {
+    fn post(&self, body: &[u8]) -> Response {
+        let client = self.sandbox.client(Some(TRIAGE)).expect("client");
+        self.rt
+            .block_on(client.send_body(
+                "POST",
+                "/mcp",
+                &[("content-type", "application/json")],
+                body,
+            ))
+            .expect("response")
+    }
+
+    fn call(&self, method: &str, params: Value) -> Response {
+        self.post(
+            json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params})
+                .to_string()
+                .as_bytes(),
+        )
+    }
+}
+
+fn tool(name: &str, arguments: Value) -> Value {
+    json!({"name": name, "arguments": arguments})
+}
+
+fn assert_rpc_error(r: &Response, status: u16, code: i64, reason: &str) {
+    assert_eq!(r.status, status, "{r:?}");
+    let body = r.json().expect("json-rpc body");
+    assert_eq!(body["jsonrpc"], "2.0");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert_eq!(body["error"]["data"]["reason"], reason, "{body}");
+}
+
+#[test]
+fn an_allowed_tool_call_reaches_the_server_with_its_body() {
+    let w = world();
+    let r = w.call(
+        "tools/call",
+        tool("create_issue", json!({"repo": "tether", "title": "hi"})),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let body = r.json().expect("json");
+    assert_eq!(body["id"], 7);
+    // The upstream received the very call that was decided on.
+    assert_eq!(
+        body["result"]["received"]["params"]["arguments"]["repo"],
+        "tether"
+    );
+    assert_eq!(
+        body["result"]["headers"]["x-tether-owner"],
+        "alice@example.org"
+    );
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["mcp_method"], "tools/call");
+    assert_eq!(line["tool"], "create_issue");
+    assert_eq!(line["action"], "Action::\"tools/call\"");
+    assert_eq!(line["resource"], "Tool::\"create_issue\"");
+    assert_eq!(line["policies"], json!(["issue-tools"]));
+}
+
+#[test]
+fn denied_tools_and_arguments_get_a_json_rpc_error() {
+    let w = world();
+    // A tool no policy permits.
+    assert_rpc_error(
+        &w.call("tools/call", tool("delete_repo", json!({"repo": "tether"}))),
+        403,
+        -32001,
+        "policy_denied",
+    );
+    // A permitted tool, refused for its arguments.
+    let r = w.call(
+        "tools/call",
+        tool("create_issue", json!({"repo": "private-payroll"})),
+    );
+    assert_rpc_error(&r, 403, -32001, "policy_denied");
+    assert_eq!(
+        r.json().expect("json")["id"],
+        7,
+        "the error answers the call"
+    );
+    // The same tool with other arguments is a different decision.
+    assert_eq!(
+        w.call(
+            "tools/call",
+            tool("create_issue", json!({"repo": "public"}))
+        )
+        .status,
+        200
+    );
+    let lines = w.sandbox.audit_lines(3);
+    assert_eq!(lines[1]["policies"], json!(["no-issues-in-private-repos"]));
+    assert_eq!(lines[2]["decision"], "allow");
+    // A method the schema does not declare.
+    assert_rpc_error(
+        &w.call("resources/read", json!({"uri": "file:///etc/passwd"})),
+        403,
+        -32001,
+        "no_route",
+    );
+}
+
+#[test]
+fn tools_list_shows_only_the_tools_the_agent_may_call() {
+    let w = world();
+    let r = w.call("tools/list", json!({}));
+    assert_eq!(r.status, 200, "{r:?}");
+    let names: Vec<String> = r.json().expect("json")["result"]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .map(|t| t["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    // delete_repo is offered by the server but no policy permits it;
+    // create_issue is permitted depending on its arguments, so it shows.
+    assert_eq!(names, ["search_issues", "create_issue"]);
+}
+
+#[test]
+fn batches_malformed_and_oversized_bodies_never_bypass_policy() {
+    let w = world();
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": tool("search_issues", json!({}))},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": tool("delete_repo", json!({}))},
+    ]);
+    assert_rpc_error(
+        &w.post(batch.to_string().as_bytes()),
+        400,
+        -32600,
+        "bad_request",
+    );
+    assert_rpc_error(
+        &w.post(b"{\"jsonrpc\":\"2.0\",\"method\":"),
+        400,
+        -32700,
+        "bad_request",
+    );
+    assert_rpc_error(
+        &w.post(b"{\"jsonrpc\":\"2.0\",\"id\":1}"),
+        400,
+        -32600,
+        "bad_request",
+    );
+    let huge = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": tool("search_issues", json!({"q": "x".repeat(70_000)}))});
+    assert_rpc_error(
+        &w.post(huge.to_string().as_bytes()),
+        413,
+        -32600,
+        "body_too_large",
+    );
+    // None of them reached the upstream: every audit line is a refusal.
+    for line in w.sandbox.audit_lines(4) {
+        assert_eq!(line["decision"], "deny", "{line}");
+        assert_eq!(line["stage"], "mcp", "{line}");
+    }
+}
