@@ -23,7 +23,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use registry::{AgentSpec, AgentState, Expiry, RegistryFile};
-pub use validate::template_params;
+pub use validate::{template_params, ParamType};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -187,14 +187,24 @@ pub struct Policy {
     pub namespace: String,
 }
 
-/// HTTP methods a route matches.
+/// One value or a list of them.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
-pub enum Methods {
-    /// One method, or `*` for any.
+pub enum OneOrMany {
+    /// One value.
     One(String),
-    /// Several methods.
+    /// Several values.
     Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The values.
+    pub fn values(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(v) => vec![v.as_str()],
+            OneOrMany::Many(vs) => vs.iter().map(String::as_str).collect(),
+        }
+    }
 }
 
 /// One route: which requests it matches and what Cedar sees for them.
@@ -202,9 +212,16 @@ pub enum Methods {
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Method(s) matched, e.g. `GET` or `[GET, HEAD]`; `*` matches any.
-    pub method: Methods,
+    pub method: OneOrMany,
+    /// Host(s) matched against the request's `Host` (port ignored): a name
+    /// like `api.example.org`, or `*.example.org` for any subdomain.
+    /// Absent: any host.
+    #[serde(default)]
+    pub host: Option<OneOrMany>,
     /// Path template matched against the normalized path, e.g.
-    /// `/v1/repos/{repo}/issues`. A parameter matches one whole segment.
+    /// `/v1/repos/{repo}/issues`. A parameter matches one whole segment;
+    /// a type constrains it: `{id:int}` (digits), `{id:uuid}`, `{name:str}`
+    /// (the default).
     pub path: String,
     /// The Cedar action id, e.g. `ListIssues` for `Action::"ListIssues"`.
     /// Required, except on MCP routes, where the JSON-RPC method is the
@@ -251,6 +268,10 @@ pub struct ResourceSpec {
     /// The entity id: a literal, or a template over the path parameters such
     /// as `{repo}` or `{owner}/{repo}`.
     pub id: String,
+    /// Attributes of the resource, given to policy (`resource.visibility`):
+    /// strings, integers or booleans, checked against the schema at load.
+    #[serde(default)]
+    pub attributes: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// The decision cache.

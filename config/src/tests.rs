@@ -133,9 +133,16 @@ fn relative_paths_resolve_against_the_config_folder() {
 #[test]
 fn template_params_are_whole_names() {
     assert_eq!(
-        template_params("/v1/{owner}/{repo}").expect("valid"),
-        vec!["owner".to_string(), "repo".to_string()]
+        template_params("/v1/{owner}/{repo:int}").expect("valid"),
+        vec![
+            ("owner".to_string(), ParamType::Str),
+            ("repo".to_string(), ParamType::Int)
+        ]
     );
+    assert!(template_params("/v1/{a:float}").is_err());
+    assert!(ParamType::Uuid.accepts("123e4567-e89b-12d3-a456-426614174000"));
+    assert!(!ParamType::Uuid.accepts("123e4567-e89b-12d3-a456"));
+    assert!(ParamType::Int.accepts("42") && !ParamType::Int.accepts("4x"));
     assert!(template_params("v1/x").is_err());
     assert!(template_params("/v1/{a").is_err());
     assert!(template_params("/v1/{a}/{a}").is_err());

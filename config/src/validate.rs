@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::spiffe::{check_trust_domain, SpiffeId};
-use crate::{AgentSpec, Config, ConfigError, Methods};
+use crate::{AgentSpec, Config, ConfigError};
 
 /// HTTP methods a route may name.
 const METHODS: &[&str] = &[
@@ -196,10 +196,28 @@ pub(crate) fn agents(
 }
 
 fn check_route(p: &mut Problems<'_>, i: usize, route: &crate::Route) {
-    let methods: Vec<&str> = match &route.method {
-        Methods::One(m) => vec![m.as_str()],
-        Methods::Many(ms) => ms.iter().map(String::as_str).collect(),
-    };
+    let methods = route.method.values();
+    for host in route.host.iter().flat_map(|h| h.values()) {
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            p.push(
+                format!("routes[{i}].host"),
+                format!("`{host}` is not a host name (or `*.` and one)"),
+            );
+        }
+    }
+    for (name, value) in &route.resource.attributes {
+        if !(value.is_string() || value.is_boolean() || value.is_i64()) {
+            p.push(
+                format!("routes[{i}].resource.attributes.{name}"),
+                "must be a string, an integer or a boolean",
+            );
+        }
+    }
     if methods.is_empty() {
         p.push(format!("routes[{i}].method"), "names no method");
     }
@@ -212,7 +230,7 @@ fn check_route(p: &mut Problems<'_>, i: usize, route: &crate::Route) {
         }
     }
     let params = match template_params(&route.path) {
-        Ok(params) => params,
+        Ok(params) => params.into_iter().map(|(name, _)| name).collect(),
         Err(e) => {
             p.push(format!("routes[{i}].path"), e);
             Vec::new()
@@ -254,7 +272,7 @@ fn check_route(p: &mut Problems<'_>, i: usize, route: &crate::Route) {
     }
     match template_params(&format!("/{}", route.resource.id)) {
         Ok(used) => {
-            for name in used {
+            for (name, _) in used {
                 if !params.contains(&name) {
                     p.push(
                         format!("routes[{i}].resource.id"),
@@ -267,9 +285,38 @@ fn check_route(p: &mut Problems<'_>, i: usize, route: &crate::Route) {
     }
 }
 
-/// The `{name}` parameters of a template, in order. A parameter must be a
-/// whole path segment in a path template; names are identifiers.
-pub fn template_params(template: &str) -> Result<Vec<String>, String> {
+/// What a path parameter accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    /// Any segment.
+    Str,
+    /// Decimal digits.
+    Int,
+    /// A UUID, `8-4-4-4-12` hex digits.
+    Uuid,
+}
+
+impl ParamType {
+    /// Whether `segment` is of this type.
+    pub fn accepts(self, segment: &str) -> bool {
+        match self {
+            ParamType::Str => !segment.is_empty(),
+            ParamType::Int => !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()),
+            ParamType::Uuid => {
+                let groups: Vec<&str> = segment.split('-').collect();
+                groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+                    && groups
+                        .iter()
+                        .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+            }
+        }
+    }
+}
+
+/// The `{name}` or `{name:type}` parameters of a template, in order. A
+/// parameter must be a whole path segment in a path template; names are
+/// identifiers.
+pub fn template_params(template: &str) -> Result<Vec<(String, ParamType)>, String> {
     if !template.starts_with('/') {
         return Err(format!("`{template}` must start with `/`"));
     }
@@ -279,18 +326,26 @@ pub fn template_params(template: &str) -> Result<Vec<String>, String> {
         let Some(close) = rest[open..].find('}') else {
             return Err(format!("`{template}` has a `{{` with no closing `}}`"));
         };
-        let name = &rest[open + 1..open + close];
+        let spec = &rest[open + 1..open + close];
+        let (name, kind) = match spec.split_once(':') {
+            None | Some((_, "str")) => (spec.split(':').next().unwrap_or(spec), ParamType::Str),
+            Some((name, "int")) => (name, ParamType::Int),
+            Some((name, "uuid")) => (name, ParamType::Uuid),
+            Some((_, other)) => return Err(format!(
+                "`{{{spec}}}` in `{template}`: unknown type `{other}` (use `str`, `int` or `uuid`)"
+            )),
+        };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!(
                 "`{{{name}}}` in `{template}` is not a parameter name (letters, digits, `_`)"
             ));
         }
-        if names.iter().any(|n| n == name) {
+        if names.iter().any(|(n, _)| n == name) {
             return Err(format!(
                 "parameter `{{{name}}}` appears twice in `{template}`"
             ));
         }
-        names.push(name.to_string());
+        names.push((name.to_string(), kind));
         rest = &rest[open + close + 1..];
     }
     if rest.contains('}') {

@@ -254,6 +254,23 @@ impl PolicyEngine {
                 "action `{action}` does not apply to resource type `{resource_type}` in the schema"
             ));
         }
+        if !route.resource_attributes.is_empty() {
+            let sample = Entity::new(
+                EntityUid::from_type_name_and_id(
+                    route.resource_type.clone(),
+                    cedar_policy::EntityId::new("check"),
+                ),
+                route.resource_attributes.clone(),
+                Default::default(),
+            )
+            .map_err(|e| e.to_string())?;
+            Entities::from_entities([sample], Some(&self.schema)).map_err(|e| {
+                format!(
+                    "resource attributes do not fit the schema's `{}`: {e}",
+                    route.resource_type
+                )
+            })?;
+        }
         Ok(())
     }
 }
@@ -285,6 +302,8 @@ pub struct DecisionInput {
     pub generation: u64,
     /// The agent's SPIFFE ID; its attributes come from the snapshot.
     pub principal: Arc<str>,
+    /// The matched route: the resource's attributes come from it.
+    pub route: usize,
     /// The Cedar action.
     pub action: EntityUid,
     /// The Cedar resource.
@@ -306,6 +325,7 @@ impl DecisionInput {
         Some(DecisionInput {
             generation: ctx.snapshot.generation,
             principal: agent.id.as_arc().clone(),
+            route: route.index,
             action: route.action.clone(),
             resource: route.resource.clone(),
             context: RequestContext {
@@ -346,10 +366,25 @@ pub fn evaluate(snapshot: &Snapshot, input: &DecisionInput) -> Decision {
         Err(e) => return error_decision(e),
     };
     let engine = &snapshot.policy;
+    // A route that gives its resource attributes adds that entity; the
+    // rest of the time the agents alone are the entities.
+    let with_resource;
+    let entities = match resource_entity(snapshot, input) {
+        Ok(None) => &engine.entities,
+        Ok(Some(resource)) => {
+            let agent_entity = engine.entities.get(&agent.uid).cloned();
+            match Entities::from_entities(agent_entity.into_iter().chain([resource]), None) {
+                Ok(e) => {
+                    with_resource = e;
+                    &with_resource
+                }
+                Err(e) => return error_decision(e.to_string()),
+            }
+        }
+        Err(e) => return error_decision(e),
+    };
     let authorize = |set: &PolicySet| {
-        let response = engine
-            .authorizer
-            .is_authorized(&request, set, &engine.entities);
+        let response = engine.authorizer.is_authorized(&request, set, entities);
         let errors: Vec<String> = response
             .diagnostics()
             .errors()
@@ -379,6 +414,24 @@ pub fn evaluate(snapshot: &Snapshot, input: &DecisionInput) -> Decision {
             ShadowDecision { allowed, policies }
         }),
     }
+}
+
+/// The resource as an entity with the route's attributes, when the route
+/// gives any (and the request acts on the route's resource, not a tool).
+fn resource_entity(snapshot: &Snapshot, input: &DecisionInput) -> Result<Option<Entity>, String> {
+    let Some(route) = snapshot.routes.get(input.route) else {
+        return Err("route index out of range".into());
+    };
+    if route.resource_attributes.is_empty() || input.resource.type_name() != &route.resource_type {
+        return Ok(None);
+    }
+    Entity::new(
+        input.resource.clone(),
+        route.resource_attributes.clone(),
+        Default::default(),
+    )
+    .map(Some)
+    .map_err(|e| e.to_string())
 }
 
 /// The Cedar context of a request: the contract documented on
@@ -775,6 +828,58 @@ mod tests {
             })
         );
         assert_eq!(counter.get(), 1);
+    }
+
+    #[test]
+    fn route_attributes_reach_policy_and_are_checked_against_the_schema() {
+        let schema = "entity Agent { owner: String, team: String };\n\
+                      entity Doc { visibility: String };\n\
+                      action Read appliesTo { principal: [Agent], resource: [Doc] };";
+        let config = |attributes: &str| {
+            let yaml = format!(
+                "listener: {{address: '127.0.0.1:0', tls: {{cert: c, key: k}}}}\n\
+                 trust_domains: [{{name: example.org, bundle: b}}]\n\
+                 upstream: {{address: '127.0.0.1:1'}}\n\
+                 registry: {{agents: [{{id: '{}', owner: a, team: t, expires: '2999-01-01'}}]}}\n\
+                 policy: {{schema: s, policies: p}}\n\
+                 routes:\n\
+                 - {{method: GET, path: '/public/{{doc}}', action: Read, resource: {{type: Doc, id: '{{doc}}', attributes: {attributes}}}}}\n\
+                 - {{method: GET, path: '/private/{{doc}}', action: Read, resource: {{type: Doc, id: '{{doc}}', attributes: {{visibility: private}}}}}}\n",
+                testing::ALICE_BOT
+            );
+            tether_config::Config::from_yaml(&yaml, Path::new("t.yaml")).expect("config")
+        };
+        let build = |config: &tether_config::Config| {
+            Snapshot::build(
+                config,
+                Path::new("t.yaml"),
+                1,
+                &source("s.cedarschema", schema),
+                &[source(
+                    "p.cedar",
+                    "@id(\"public-docs\") permit(principal, action, resource) when { resource.visibility == \"public\" };",
+                )],
+                None,
+            )
+        };
+        let snapshot = Arc::new(build(&config("{visibility: public}")).expect("valid"));
+        let public = testing::input(&snapshot, testing::ALICE_BOT, "GET", "/public/readme");
+        let private = testing::input(&snapshot, testing::ALICE_BOT, "GET", "/private/readme");
+        // Same resource uid, different routes: different inputs, different answers.
+        assert_eq!(public.resource, private.resource);
+        assert!(evaluate(&snapshot, &public).allowed);
+        assert!(!evaluate(&snapshot, &private).allowed);
+        let cache = testing::cache();
+        assert!(cache.decide(&snapshot, public).0.allowed);
+        assert!(!cache.decide(&snapshot, private).0.allowed);
+
+        let errors = build(&config("{visibility: 3}")).err().expect("refused").0;
+        assert_eq!(errors[0].field, "routes[0].action");
+        assert!(
+            errors[0].message.contains("resource attributes do not fit"),
+            "{}",
+            errors[0].message
+        );
     }
 
     #[test]

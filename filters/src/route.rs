@@ -5,14 +5,49 @@ use std::sync::Arc;
 
 use cedar_policy::{EntityId, EntityTypeName, EntityUid};
 use pingora_http::RequestHeader;
-use tether_config::{Methods, Route};
+use std::collections::HashMap;
+
+use cedar_policy::RestrictedExpression;
+use tether_config::{ParamType, Route};
 
 use crate::mcp::McpRoute;
 use crate::{Denial, Filter, Reason, RequestCtx};
 
 enum Segment {
     Literal(String),
-    Param,
+    Param(ParamType),
+}
+
+/// A host a route matches.
+enum HostPattern {
+    Exact(String),
+    /// `*.example.org`: any name ending in `.example.org`.
+    Subdomain(String),
+}
+
+impl HostPattern {
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Subdomain(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
+        }
+    }
+}
+
+/// The host a request names, lower case, without the port.
+pub fn request_host(req: &RequestHeader) -> Option<String> {
+    let raw = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.host())?;
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => raw.rsplit_once(':').map_or(raw, |(h, _)| h),
+    };
+    Some(host.to_ascii_lowercase())
 }
 
 enum IdPart {
@@ -33,6 +68,9 @@ pub struct CompiledRoute {
     pub resource_type: EntityTypeName,
     /// Set on MCP routes.
     pub mcp: Option<McpRoute>,
+    /// The resource's attributes, from the route.
+    pub resource_attributes: HashMap<String, RestrictedExpression>,
+    hosts: Option<Vec<HostPattern>>,
     methods: Option<Vec<String>>,
     segments: Vec<Segment>,
     resource_id: Vec<IdPart>,
@@ -75,12 +113,25 @@ impl RouteTable {
         self.routes.iter()
     }
 
-    /// The first route matching `method` and the normalized `path`.
+    /// The first route matching `method` and the normalized `path`, on
+    /// any host.
     pub fn find(&self, method: &str, path: &str) -> Option<RouteMatch> {
+        self.find_on(None, method, path)
+    }
+
+    /// The first route matching `host` (lower case, no port), `method` and
+    /// the normalized `path`. A route with hosts never matches a request
+    /// without one.
+    pub fn find_on(&self, host: Option<&str>, method: &str, path: &str) -> Option<RouteMatch> {
         let mut params: Vec<&str> = Vec::new();
         'routes: for (index, route) in self.routes.iter().enumerate() {
             if let Some(methods) = &route.methods {
                 if !methods.iter().any(|m| m == method) {
+                    continue;
+                }
+            }
+            if let Some(hosts) = &route.hosts {
+                if !host.is_some_and(|h| hosts.iter().any(|p| p.matches(h))) {
                     continue;
                 }
             }
@@ -93,8 +144,8 @@ impl RouteTable {
                 match segment {
                     Segment::Literal(lit) if lit == part => {}
                     Segment::Literal(_) => continue 'routes,
-                    Segment::Param if part.is_empty() => continue 'routes,
-                    Segment::Param => params.push(part),
+                    Segment::Param(kind) if !kind.accepts(part) => continue 'routes,
+                    Segment::Param(_) => params.push(part),
                 }
             }
             if parts.next().is_some() {
@@ -131,6 +182,7 @@ pub fn qualified(namespace: &str, name: &str) -> String {
 
 fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
     let params = tether_config::template_params(&r.path)?;
+    let mut param_types = params.iter().map(|(_, kind)| *kind);
     let segments = r
         .path
         .strip_prefix('/')
@@ -138,7 +190,7 @@ fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
         .split('/')
         .map(|s| {
             if s.starts_with('{') && s.ends_with('}') {
-                Ok(Segment::Param)
+                Ok(Segment::Param(param_types.next().unwrap_or(ParamType::Str)))
             } else if s.contains('{') {
                 Err(format!(
                     "`{}`: a parameter must be a whole path segment",
@@ -161,7 +213,7 @@ fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
         let name = &rest[open + 1..open + close];
         let i = params
             .iter()
-            .position(|p| p == name)
+            .position(|(p, _)| p == name)
             .ok_or_else(|| format!("`{{{name}}}` is not a parameter of `{}`", r.path))?;
         resource_id.push(IdPart::Param(i));
         rest = &rest[open + close + 1..];
@@ -169,12 +221,41 @@ fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
     if !rest.is_empty() {
         resource_id.push(IdPart::Literal(rest.to_string()));
     }
-    let methods = match &r.method {
-        Methods::One(m) if m == "*" => None,
-        Methods::One(m) => Some(vec![m.clone()]),
-        Methods::Many(ms) if ms.iter().any(|m| m == "*") => None,
-        Methods::Many(ms) => Some(ms.clone()),
+    let methods = r.method.values();
+    let methods = if methods.contains(&"*") {
+        None
+    } else {
+        Some(methods.into_iter().map(String::from).collect())
     };
+    let hosts = r.host.as_ref().map(|h| {
+        h.values()
+            .into_iter()
+            .map(|h| match h.strip_prefix('*') {
+                Some(suffix) => HostPattern::Subdomain(suffix.to_ascii_lowercase()),
+                None => HostPattern::Exact(h.to_ascii_lowercase()),
+            })
+            .collect()
+    });
+    let resource_attributes = r
+        .resource
+        .attributes
+        .iter()
+        .map(|(name, value)| {
+            let expr = match value {
+                serde_json::Value::String(s) => RestrictedExpression::new_string(s.clone()),
+                serde_json::Value::Bool(b) => RestrictedExpression::new_bool(*b),
+                v => match v.as_i64() {
+                    Some(i) => RestrictedExpression::new_long(i),
+                    None => {
+                        return Err(format!(
+                            "attribute `{name}`: not a string, integer or boolean"
+                        ))
+                    }
+                },
+            };
+            Ok((name.clone(), expr))
+        })
+        .collect::<Result<_, String>>()?;
     let action_type: EntityTypeName = qualified(namespace, "Action")
         .parse()
         .map_err(|e| format!("action type: {e}"))?;
@@ -203,6 +284,8 @@ fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
         action: action.into(),
         resource_type,
         mcp,
+        resource_attributes,
+        hosts,
         methods,
         segments,
         resource_id,
@@ -219,7 +302,12 @@ impl Filter for Routing {
 
     fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
         let method = req.method.as_str();
-        match ctx.snapshot.routes.find(method, &ctx.path) {
+        let host = request_host(req);
+        match ctx
+            .snapshot
+            .routes
+            .find_on(host.as_deref(), method, &ctx.path)
+        {
             Some(m) => {
                 ctx.route = Some(m);
                 Ok(())
@@ -283,6 +371,45 @@ mod tests {
             let expected = expected.map(|(i, id)| (i, id.to_string()));
             assert_eq!(got, expected, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn hosts_and_typed_parameters_narrow_a_match() {
+        let routes: Vec<Route> = serde_json::from_value(serde_json::json!([
+            {"method": "GET", "host": "api.example.org", "path": "/v1/items/{id:int}", "action": "ReadItem",
+             "resource": {"type": "Item", "id": "{id}"}},
+            {"method": "GET", "host": ["*.example.org"], "path": "/v1/items/{id:uuid}", "action": "ReadUuid",
+             "resource": {"type": "Item", "id": "{id}"}},
+        ]))
+        .expect("routes");
+        let t = RouteTable::new(&routes, "").expect("compiles");
+        let uuid = "/v1/items/123e4567-e89b-12d3-a456-426614174000";
+        for (host, path, expected) in [
+            (Some("api.example.org"), "/v1/items/42", Some(0)),
+            (Some("api.example.org"), "/v1/items/abc", None),
+            (Some("other.org"), "/v1/items/42", None),
+            (None, "/v1/items/42", None),
+            (Some("eu.example.org"), uuid, Some(1)),
+            (Some("api.example.org"), uuid, Some(1)),
+            (Some("example.org"), uuid, None),
+            (Some("eu.example.org"), "/v1/items/42", None),
+        ] {
+            assert_eq!(
+                t.find_on(host, "GET", path).map(|m| m.index),
+                expected,
+                "{host:?} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_request_host_is_lower_case_without_port() {
+        let mut req = testing::get("/");
+        req.insert_header("host", "API.Example.org:8443")
+            .expect("header");
+        assert_eq!(request_host(&req).as_deref(), Some("api.example.org"));
+        req.insert_header("host", "[::1]:8443").expect("header");
+        assert_eq!(request_host(&req).as_deref(), Some("::1"));
     }
 
     #[test]
