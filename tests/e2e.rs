@@ -1,55 +1,16 @@
 //! End to end: the real `tether` binary on free loopback ports, real mTLS
 //! with certificates generated at test time, real Cedar, a real upstream.
 
-use std::net::SocketAddr;
-use std::path::Path;
+mod support;
+
 use std::process::Command;
 
+use support::{World, TETHER, TRIAGE};
 use tether::client::Response;
-use tether::demo::{admin_get, start_sandbox, Sandbox};
 use tether_config::{AgentSpec, AgentState, Expiry, TrustDomain};
 use tether_filters::identity::pki::Pki;
 
-const TETHER: &str = env!("CARGO_BIN_EXE_tether");
-const TRIAGE: &str = "spiffe://example.org/agents/issue-triage";
 const INTERN: &str = "spiffe://example.org/agents/summer-intern-bot";
-
-struct World {
-    rt: tokio::runtime::Runtime,
-    sandbox: Sandbox,
-}
-
-impl World {
-    fn new() -> World {
-        World::with(|_| {})
-    }
-
-    fn with(customize: impl FnOnce(&mut tether_config::Config)) -> World {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let upstream: SocketAddr = rt.block_on(tether::echo::start()).expect("echo upstream");
-        let sandbox = start_sandbox(Path::new(TETHER), upstream, customize).expect("tether starts");
-        World { rt, sandbox }
-    }
-
-    fn send(
-        &self,
-        agent: Option<&str>,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-    ) -> anyhow::Result<Response> {
-        let client = self.sandbox.client(agent)?;
-        self.rt.block_on(client.send(method, path, headers))
-    }
-
-    fn get(&self, agent: &str, path: &str) -> Response {
-        self.send(Some(agent), "GET", path, &[]).expect("response")
-    }
-}
 
 fn agent(id: &str, owner: &str, state: AgentState) -> AgentSpec {
     AgentSpec {
@@ -210,9 +171,7 @@ fn certificates_that_are_not_valid_svids_of_a_trusted_domain_are_refused_at_the_
     // No client certificate at all.
     assert!(w.send(None, "GET", "/v1/repos/tether/issues", &[]).is_err());
 
-    let metrics =
-        w.rt.block_on(admin_get(w.sandbox.admin, "/metrics"))
-            .expect("metrics");
+    let metrics = w.admin("/metrics");
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(
         text.contains("tether_client_cert_rejected_total{reason=\"chain\"} 3"),
@@ -305,9 +264,7 @@ fn a_cached_decision_is_the_same_as_the_fresh_one() {
             assert_eq!(fresh[field], cached[field], "{field}");
         }
     }
-    let metrics =
-        w.rt.block_on(admin_get(w.sandbox.admin, "/metrics"))
-            .expect("metrics");
+    let metrics = w.admin("/metrics");
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(
         text.contains("tether_decision_cache_hits_total 2"),
@@ -331,14 +288,10 @@ fn a_cached_decision_is_the_same_as_the_fresh_one() {
 fn the_admin_listener_answers_health_and_readiness() {
     let w = World::new();
     for path in ["/healthz", "/readyz"] {
-        let r =
-            w.rt.block_on(admin_get(w.sandbox.admin, path))
-                .expect("admin");
+        let r = w.admin(path);
         assert_eq!(r.status, 200, "{path}");
     }
-    let r =
-        w.rt.block_on(admin_get(w.sandbox.admin, "/nope"))
-            .expect("admin");
+    let r = w.admin("/nope");
     assert_eq!(r.status, 404);
 }
 

@@ -1,32 +1,22 @@
 //! MCP tool-level authorization end to end: a real JSON-RPC upstream on
 //! loopback behind the real binary, the example's MCP policies.
 
-use std::path::Path;
+mod support;
 
 use serde_json::{json, Value};
+use support::{World, TRIAGE};
 use tether::client::Response;
-use tether::demo::{start_sandbox, Sandbox};
-
-const TETHER: &str = env!("CARGO_BIN_EXE_tether");
-const TRIAGE: &str = "spiffe://example.org/agents/issue-triage";
-
-struct World {
-    rt: tokio::runtime::Runtime,
-    sandbox: Sandbox,
-}
 
 fn world() -> World {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let upstream = rt.block_on(tether::echo::start()).expect("upstream");
-    let sandbox = start_sandbox(Path::new(TETHER), upstream, |_| {}).expect("tether");
-    World { rt, sandbox }
+    World::new()
 }
 
-impl World {
+trait Mcp {
+    fn post(&self, body: &[u8]) -> Response;
+    fn call(&self, method: &str, params: Value) -> Response;
+}
+
+impl Mcp for World {
     fn post(&self, body: &[u8]) -> Response {
         let client = self.sandbox.client(Some(TRIAGE)).expect("client");
         self.rt

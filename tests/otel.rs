@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
+use support::{TETHER, TRIAGE};
 use tether::demo::{free_port, start_sandbox};
 use tether_config::{Otlp, OtlpProtocol};
-
-const TETHER: &str = env!("CARGO_BIN_EXE_tether");
-const TRIAGE: &str = "spiffe://example.org/agents/issue-triage";
 
 fn rotel_agent() -> PathBuf {
     if let Some(path) = std::env::var_os("TETHER_ROTEL") {
@@ -138,11 +138,7 @@ fn spans(text: &str) -> Vec<HashMap<String, String>> {
 #[test]
 fn one_span_per_request_reaches_a_real_collector_over_grpc_and_http() {
     let collector = Collector::start();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = support::runtime();
     let upstream = rt.block_on(tether::echo::start()).expect("upstream");
 
     for (protocol, endpoint, service) in [

@@ -2,24 +2,14 @@
 //! connections, 50 reloads (some invalid) never fail a request, never
 //! drop a connection, and never decide a request under a mix of versions.
 
+mod support;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tether::demo::{admin_get, start_sandbox, Sandbox};
-
-const TETHER: &str = env!("CARGO_BIN_EXE_tether");
-const TRIAGE: &str = "spiffe://example.org/agents/issue-triage";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use support::{World, TRIAGE};
 
 /// A policy set whose only permit is named `id`: the audit line says which
 /// version decided.
@@ -43,23 +33,10 @@ async fn post_reload(admin: SocketAddr) -> (u16, serde_json::Value) {
     (r.status, r.json().expect("json"))
 }
 
-fn metric(rt: &tokio::runtime::Runtime, sandbox: &Sandbox, name: &str) -> f64 {
-    let r = rt
-        .block_on(admin_get(sandbox.admin, "/metrics"))
-        .expect("metrics");
-    String::from_utf8_lossy(&r.body)
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
 #[test]
 fn fifty_reloads_under_load_fail_nothing_and_never_mix_versions() {
-    let rt = runtime();
-    let upstream = rt.block_on(tether::echo::start()).expect("upstream");
-    let sandbox =
-        start_sandbox(Path::new(TETHER), upstream, |c| c.reload.watch = false).expect("tether");
+    let w = World::with(|c| c.reload.watch = false);
+    let (rt, sandbox) = (&w.rt, &w.sandbox);
     let policies = sandbox.dir.path().join("policies/repos.cedar");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -131,21 +108,16 @@ fn fifty_reloads_under_load_fail_nothing_and_never_mix_versions() {
         assert_eq!(line["policies"], serde_json::json!([id]), "{line}");
     }
     assert_eq!(
-        metric(&rt, &sandbox, "tether_config_reload_failures_total"),
+        w.metric("tether_config_reload_failures_total"),
         f64::from(refused)
     );
-    assert_eq!(metric(&rt, &sandbox, "tether_config_generation"), 41.0);
+    assert_eq!(w.metric("tether_config_generation"), 41.0);
     // The last attempt was invalid: the gauge says the old version serves.
-    assert_eq!(
-        metric(&rt, &sandbox, "tether_config_last_reload_successful"),
-        0.0
-    );
+    assert_eq!(w.metric("tether_config_last_reload_successful"), 0.0);
 }
 
 #[test]
 fn a_configmap_symlink_swap_is_picked_up_and_a_bad_version_is_refused() {
-    let rt = runtime();
-    let upstream = rt.block_on(tether::echo::start()).expect("upstream");
     // A ConfigMap volume: versioned folders, `..data` pointing at the live
     // one, and the visible names pointing through `..data`.
     let cm = tempfile::tempdir().expect("dir");
@@ -161,11 +133,11 @@ fn a_configmap_symlink_swap_is_picked_up_and_a_bad_version_is_refused() {
     publish("..v1", &version("v1"));
     std::os::unix::fs::symlink("..data/repos.cedar", cm.path().join("repos.cedar")).expect("link");
     let policies = cm.path().join("repos.cedar");
-    let sandbox = start_sandbox(Path::new(TETHER), upstream, |c| {
+    let w = World::with(|c| {
         c.policy.policies = policies.clone();
         c.reload.poll_interval_ms = 100;
-    })
-    .expect("tether");
+    });
+    let (rt, sandbox) = (&w.rt, &w.sandbox);
     let client = sandbox.client(Some(TRIAGE)).expect("client");
     let sent = std::cell::Cell::new(0);
     // The policy that decided a fresh request.
@@ -185,7 +157,7 @@ fn a_configmap_symlink_swap_is_picked_up_and_a_bad_version_is_refused() {
 
     let wait_for = |name: &str, value: f64| {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while metric(&rt, &sandbox, name) != value {
+        while w.metric(name) != value {
             assert!(Instant::now() < deadline, "{name} never reached {value}");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -199,6 +171,6 @@ fn a_configmap_symlink_swap_is_picked_up_and_a_bad_version_is_refused() {
         "forbid(principal, action, resource) when { context.nope };",
     );
     wait_for("tether_config_reload_failures_total", 1.0);
-    assert_eq!(metric(&rt, &sandbox, "tether_config_generation"), 2.0);
+    assert_eq!(w.metric("tether_config_generation"), 2.0);
     assert_eq!(decide(), "v2", "the old version keeps serving");
 }

@@ -331,9 +331,11 @@ pub fn template_params(template: &str) -> Result<Vec<(String, ParamType)>, Strin
             None | Some((_, "str")) => (spec.split(':').next().unwrap_or(spec), ParamType::Str),
             Some((name, "int")) => (name, ParamType::Int),
             Some((name, "uuid")) => (name, ParamType::Uuid),
-            Some((_, other)) => return Err(format!(
+            Some((_, other)) => {
+                return Err(format!(
                 "`{{{spec}}}` in `{template}`: unknown type `{other}` (use `str`, `int` or `uuid`)"
-            )),
+            ))
+            }
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!(

@@ -1,0 +1,79 @@
+//! What the integration tests share: a runtime, the built-in upstream and
+//! a sandboxed `tether run` of the example config.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::path::Path;
+
+use tether::client::Response;
+use tether::demo::{admin_get, start_sandbox, Sandbox};
+use tether_config::Config;
+
+/// The binary under test.
+pub const TETHER: &str = env!("CARGO_BIN_EXE_tether");
+/// The example's owned, active agent.
+pub const TRIAGE: &str = "spiffe://example.org/agents/issue-triage";
+
+/// A runtime for the test's clients and upstream.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A running Tether in front of the echo upstream.
+pub struct World {
+    pub rt: tokio::runtime::Runtime,
+    pub sandbox: Sandbox,
+}
+
+impl World {
+    /// The example config as is.
+    pub fn new() -> World {
+        World::with(|_| {})
+    }
+
+    /// The example config, changed by `customize` first.
+    pub fn with(customize: impl FnOnce(&mut Config)) -> World {
+        let rt = runtime();
+        let upstream = rt.block_on(tether::echo::start()).expect("echo upstream");
+        let sandbox = start_sandbox(Path::new(TETHER), upstream, customize).expect("tether starts");
+        World { rt, sandbox }
+    }
+
+    /// One request as `agent` (or with no certificate).
+    pub fn send(
+        &self,
+        agent: Option<&str>,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Response> {
+        let client = self.sandbox.client(agent)?;
+        self.rt.block_on(client.send(method, path, headers))
+    }
+
+    /// A GET as `agent`.
+    pub fn get(&self, agent: &str, path: &str) -> Response {
+        self.send(Some(agent), "GET", path, &[]).expect("response")
+    }
+
+    /// The admin listener's `path`.
+    pub fn admin(&self, path: &str) -> Response {
+        self.rt
+            .block_on(admin_get(self.sandbox.admin, path))
+            .expect("admin")
+    }
+
+    /// The value of a metric without labels.
+    pub fn metric(&self, name: &str) -> f64 {
+        let body = self.admin("/metrics").body;
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+}
