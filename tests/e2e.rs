@@ -236,6 +236,17 @@ fn paths_are_decided_and_forwarded_in_normalized_form() {
         r.json().expect("echo")["target"],
         "/v1/repos/tether/issues?state=open"
     );
+    // An absolute-form target whose authority disagrees with Host is
+    // refused outright; a consistent one is forwarded in origin form, so
+    // the upstream never reads a host routing did not.
+    let r = w.get(TRIAGE, "http://api.example.org/v1/repos/tether/issues");
+    assert_eq!(r.status, 400, "{r:?}");
+    let absolute = format!("http://{}/v1/repos/tether/issues", w.sandbox.proxy);
+    let r = w.get(TRIAGE, &absolute);
+    assert_eq!(r.status, 200, "{r:?}");
+    let echo = r.json().expect("echo");
+    assert_eq!(echo["target"], "/v1/repos/tether/issues");
+    assert_eq!(echo["headers"]["host"], w.sandbox.proxy.to_string());
     // Malformed escapes are a 400, not a guess.
     assert_refused(&w.get(TRIAGE, "/v1/repos/%zz/issues"), 400, "bad_path");
     // No route: refused like any other denial.

@@ -25,17 +25,42 @@ impl Filter for Sanitize {
 
     fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
         strip_identity_headers(req);
-        let uri = &req.uri;
-        let raw_path = uri.path();
+        // Decide on the target as it came off the wire: pingora keeps a
+        // non-origin-form target verbatim and forwards it so, whatever
+        // `uri` says.
+        if !req.raw_path_is_utf8() {
+            return Err(Denial::new(Reason::BadPath, "request target is not UTF-8"));
+        }
+        let raw = String::from_utf8_lossy(req.raw_path()).into_owned();
+        if !raw.starts_with('/') {
+            // Absolute form (`GET http://b/x`) names the host, and then
+            // `Host` must be ignored (RFC 9112, 3.2.2): move it into `Host`
+            // so routing and the upstream read one host, the same one.
+            let target: http::Uri = raw.parse().map_err(|_| {
+                Denial::new(
+                    Reason::BadPath,
+                    format!("request target `{raw}` is not a URI"),
+                )
+            })?;
+            let Some(authority) = target.authority().filter(|_| target.scheme().is_some()) else {
+                return Err(Denial::new(
+                    Reason::BadPath,
+                    format!("request target `{raw}` is not origin or absolute form"),
+                ));
+            };
+            req.insert_header(http::header::HOST, authority.as_str())
+                .map_err(|_| Denial::new(Reason::BadPath, "bad authority in the request target"))?;
+        }
+        let raw_path = req.uri.path();
         let path = normalize_path(raw_path)
             .map_err(|e| Denial::new(Reason::BadPath, format!("path `{raw_path}`: {e}")))?;
-        if path != raw_path {
+        let decided = match req.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        if decided != raw {
             // Forward exactly what was decided.
-            let new_uri = match uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.clone(),
-            };
-            let parsed = new_uri
+            let parsed = decided
                 .parse()
                 .map_err(|_| Denial::new(Reason::BadPath, "normalized path is not a valid URI"))?;
             req.set_uri(parsed);
@@ -214,6 +239,24 @@ mod tests {
         assert_eq!(
             req.headers.get("x-keep").map(|v| v.as_bytes()),
             Some(&b"yes"[..])
+        );
+    }
+
+    #[test]
+    fn an_absolute_form_target_becomes_origin_form_with_its_host() {
+        let mut req =
+            RequestHeader::build("GET", b"http://b.example/v1/x?q=1", None).expect("request");
+        req.insert_header("host", "a.example").expect("header");
+        let mut ctx = testing::ctx();
+        Sanitize.apply(&mut req, &mut ctx).expect("passes");
+        assert_eq!(req.raw_path(), b"/v1/x?q=1", "forwarded in origin form");
+        assert_eq!(
+            req.headers.get("host").map(|v| v.as_bytes()),
+            Some(&b"b.example"[..])
+        );
+        assert_eq!(
+            crate::route::request_host(&req).as_deref(),
+            Some("b.example")
         );
     }
 

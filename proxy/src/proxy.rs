@@ -58,6 +58,8 @@ impl TetherProxy {
         resp.insert_header("content-type", "application/json")?;
         resp.insert_header("content-length", body.len().to_string())?;
         resp.insert_header(REQUEST_ID_HEADER, request_id)?;
+        // A refused request's body may be unread: closing the connection is
+        // the one safe way not to read it as the next request.
         session.set_keepalive(None);
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await
