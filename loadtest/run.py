@@ -1023,7 +1023,7 @@ def markdown(meta: dict, agg: dict, runs: list[dict]) -> str:
                          f"{ratio(c['cpu_s_per_10k'], n.get('cpu_s_per_10k'))} | {fmt(c['peak_rss_mib'], 1)} | "
                          f"{err} |")
             else:
-                sat = " (saturated)" if c.get("saturated") else ""
+                sat = (" (saturated)" if c.get("saturated") else "") + (" †" if c.get("all_disturbed") else "")
                 L.append(f"| {spec['label']} | {fmt(c['rps'])}{sat} | {fmt(c['p50_ms'], 2)} | {fmt(c['p99_ms'], 2)} | "
                          f"{fmt(c['p99_9_ms'], 2)} | {ratio(c['p99_ms'], d.get('p99_ms'))} | "
                          f"{ratio(c['p99_ms'], n.get('p99_ms'))} | {fmt(c['cpu_s_per_10k'], 3)} | "
