@@ -169,7 +169,30 @@ def run(argv, *, check=True, capture=True, env=None, timeout=None) -> subprocess
     )
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+
+
 def free_port() -> int:
+    """A free listening port below the ephemeral range, so that the
+    thousands of outgoing loopback connections of a run cannot take it
+    between this check and the server's bind."""
+    import random
+    lo, hi = 10000, max(10001, min(_EPHEMERAL_LOW, 32768) - 1)
+    for _ in range(200):
+        port = random.randint(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -565,7 +588,7 @@ class Target:
             return
         self.port = free_port()
         if kind in ("nginx-plain", "nginx-mtls"):
-            (d / "tmp").mkdir()
+            (d / "tmp").mkdir(exist_ok=True)
             conf = fill(f"{kind.replace('-plain', '-proxy')}.conf", d / "nginx.conf", DIR=d, PORT=self.port,
                         UPSTREAM_PORT=env.upstream_port, CERTS=env.certs)
             self.proc = spawn([t["nginx"], "-e", d / "error.log", "-p", d, "-c", conf], log_path=d / "stdout.log")
@@ -769,7 +792,14 @@ def one_run(env: Env, spec: dict, shape: dict, rnd: int, args) -> dict:
     target = Target(env, spec, run_id)
     rec = {"target": spec["name"], "shape": shape["name"], "round": rnd}
     try:
-        target.start()
+        for attempt in range(3):  # a port taken meanwhile: start again on new ports
+            try:
+                target.start()
+                break
+            except RuntimeError:
+                target.stop()
+                if attempt == 2:
+                    raise
         pid = target.pid
         ours = {pid, env.upstream.pid, env.rotel.pid, os.getpid()}
         snap = {}
