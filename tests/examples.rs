@@ -44,7 +44,7 @@ fn the_example_config_loads_with_its_registry_schema_and_policies() {
     assert_eq!(config.registry.agents.len(), 4);
     let snapshot = Snapshot::load(&config, &path, 1).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(snapshot.routes.iter().count(), 5);
-    assert_eq!(snapshot.policy.set.policies().count(), 6);
+    assert_eq!(snapshot.policy.set.policies().count(), 7);
 
     let tether = |args: &[&str]| {
         let out = Command::new(TETHER)
@@ -60,7 +60,7 @@ fn the_example_config_loads_with_its_registry_schema_and_policies() {
     let (code, stdout, stderr) = tether(&["check"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        stdout.contains("ok: 4 agents, 5 routes, 6 policies"),
+        stdout.contains("ok: 4 agents, 5 routes, 7 policies"),
         "{stdout}"
     );
     // Deletion is only ever forbidden: check says so, and nothing else.

@@ -174,3 +174,52 @@ fn a_configmap_symlink_swap_is_picked_up_and_a_bad_version_is_refused() {
     assert_eq!(w.metric("tether_config_generation"), 2.0);
     assert_eq!(decide(), "v2", "the old version keeps serving");
 }
+
+#[test]
+fn the_listener_certificate_rotates_without_dropping_connections() {
+    let w = World::with(|c| c.reload.poll_interval_ms = 100);
+    let (rt, sandbox) = (&w.rt, &w.sandbox);
+    let client = sandbox.client(Some(TRIAGE)).expect("client");
+    let mut open = rt.block_on(client.connect()).expect("connect");
+    let before = open.server_certificate().expect("server certificate");
+    let ok = |conn: &mut tether::client::Connection| {
+        let r = rt
+            .block_on(conn.send("GET", "/v1/repos/tether/issues"))
+            .expect("response");
+        assert_eq!(r.status, 200, "{r:?}");
+    };
+    ok(&mut open);
+
+    // cert-manager writes a renewed certificate: key and chain replaced.
+    let renewed = sandbox
+        .pki
+        .server(&["127.0.0.1", "localhost"])
+        .expect("cert");
+    for (name, text) in [
+        ("server.pem", &renewed.cert_pem),
+        ("server-key.pem", &renewed.key_pem),
+    ] {
+        let path = sandbox.dir.path().join("certs").join(name);
+        std::fs::write(path.with_extension("tmp"), text).expect("write");
+        std::fs::rename(path.with_extension("tmp"), &path).expect("rename");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut fresh = rt.block_on(client.connect()).expect("connect");
+        let presented = fresh.server_certificate().expect("server certificate");
+        ok(&mut fresh);
+        if presented == renewed.der() {
+            break;
+        }
+        assert_eq!(presented, before, "the old certificate until the new one");
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The connection opened before the rotation was never dropped.
+    ok(&mut open);
+    let listener_expiry = w.metric("tether_certificate_expiry_seconds{certificate=\"listener\"}");
+    assert!(listener_expiry > 0.0, "{listener_expiry}");
+}

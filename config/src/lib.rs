@@ -29,15 +29,32 @@ pub use validate::{template_params, ParamType};
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where agents connect: the mTLS listener.
+    /// Which side of the wire Tether stands on.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Where agents connect.
     pub listener: Listener,
     /// SPIFFE trust domains whose X.509-SVIDs are accepted, one bundle each.
+    #[serde(default)]
     pub trust_domains: Vec<TrustDomain>,
+    /// Bearer tokens accepted as identities: JWT-SVIDs, Kubernetes
+    /// service-account tokens, OIDC and token-exchange tokens.
+    #[serde(default)]
+    pub tokens: Tokens,
+    /// Egress mode: the pod's own X.509-SVID. It is the principal of every
+    /// request and the client certificate Tether presents upstream.
+    #[serde(default)]
+    pub workload: Option<Workload>,
     /// The loopback admin listener: health, readiness and metrics.
     #[serde(default)]
     pub admin: Admin,
-    /// The API that allowed requests are forwarded to.
-    pub upstream: Upstream,
+    /// The API that allowed requests are forwarded to (one upstream).
+    #[serde(default)]
+    pub upstream: Option<Upstream>,
+    /// Several upstreams, chosen by host or path prefix, first match wins.
+    /// Use either this or `upstream`.
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
     /// The registered agents and their human owners.
     pub registry: Registry,
     /// The Cedar schema and policies.
@@ -62,7 +79,8 @@ pub struct Config {
 }
 
 /// Hot reload. What reloads: `routes`, `registry`, `policy` and the files
-/// they name, and the `trust_domains` bundles. Changes to other sections
+/// they name, the `trust_domains` bundles, JWKS files, and the listener's
+/// and the workload's certificates (rotation). Changes to other sections
 /// are reported and take effect at the next restart.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -84,14 +102,57 @@ impl Default for Reload {
     }
 }
 
+/// Which side of the wire Tether stands on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// In front of an API: agents connect over mTLS (or with tokens).
+    #[default]
+    Ingress,
+    /// Beside an agent pod: the agent speaks plain HTTP to Tether on
+    /// loopback, the principal is the pod's own SVID (`workload`), and
+    /// Tether originates mTLS to the upstreams.
+    Egress,
+}
+
 /// The agent-facing listener.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     /// `host:port` to listen on, e.g. `0.0.0.0:8443`.
     pub address: String,
-    /// The server certificate chain and key, PEM files.
-    pub tls: ServerTls,
+    /// The server certificate chain and key, PEM files; reloaded when they
+    /// change. Absent (egress mode only): plain HTTP on a loopback address.
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
+    /// Whether a client certificate is required. `optional` lets agents
+    /// that carry only a bearer token connect; a request with neither is
+    /// still refused (`no_identity`).
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// Client certificates on the listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// Every connection presents an X.509-SVID.
+    #[default]
+    Required,
+    /// An SVID is verified when presented; a bearer token may stand alone.
+    Optional,
+}
+
+/// The pod's own X.509-SVID, as files (the SPIFFE helper or the
+/// cert-manager CSI driver keep them fresh; Tether reloads them when they
+/// change).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// PEM certificate chain, leaf first: the X.509-SVID.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 /// A certificate chain and its private key, as PEM files.
@@ -136,6 +197,17 @@ impl Default for Admin {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
+    /// A name for records and errors (in `upstreams`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// In `upstreams`: the request hosts (port ignored) sent here, exact or
+    /// `*.domain`. Absent: any host.
+    #[serde(default)]
+    pub hosts: Option<OneOrMany>,
+    /// In `upstreams`: the normalized path prefix sent here, e.g.
+    /// `/github/`. Absent: any path.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
     /// `host:port` of the API.
     pub address: String,
     /// Connect to the API over TLS. Absent: plain HTTP (for an API on the
@@ -153,6 +225,205 @@ pub struct UpstreamTls {
     /// PEM bundle of CAs trusted for the upstream. Absent: the system roots.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// Present the workload's X.509-SVID (`workload`) as the client
+    /// certificate: mTLS from the pod to the API.
+    #[serde(default)]
+    pub client_certificate: bool,
+}
+
+/// Bearer-token identities.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tokens {
+    /// The issuers whose tokens are accepted; a token's `iss` picks one,
+    /// exactly.
+    pub issuers: Vec<TokenIssuer>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`, in seconds.
+    pub leeway_seconds: u64,
+    /// The longest lifetime (`exp - iat`) accepted, in seconds. Long-lived
+    /// tokens are refused (`token_lifetime`): credentials are short-lived.
+    pub max_lifetime_seconds: u64,
+    /// The largest token accepted, in bytes.
+    pub max_token_bytes: usize,
+    /// The largest decoded JOSE header accepted, in bytes.
+    pub max_header_bytes: usize,
+    /// The most agents in a delegation chain (`act` claims, RFC 8693).
+    pub max_delegation_depth: usize,
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Tokens {
+            issuers: Vec::new(),
+            leeway_seconds: 30,
+            max_lifetime_seconds: 3600,
+            max_token_bytes: 8192,
+            max_header_bytes: 1024,
+            max_delegation_depth: 3,
+        }
+    }
+}
+
+/// One token issuer.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenIssuer {
+    /// What kind of tokens it issues.
+    pub kind: TokenKind,
+    /// The exact `iss` of its tokens.
+    pub issuer: String,
+    /// Accepted audiences: a token's `aud` must name one of them.
+    pub audiences: Vec<String>,
+    /// Where its signing keys come from.
+    pub jwks: JwksSource,
+    /// Signature algorithms accepted. Asymmetric only: `none` and HMAC
+    /// are not algorithms Tether knows.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// The claim that names the agent (when the token carries no `act`
+    /// delegation). Default: `sub`.
+    #[serde(default = "default_agent_claim")]
+    pub agent_claim: String,
+    /// `jwt_svid`: the trust domain its SPIFFE IDs must be in.
+    /// `kubernetes`: the trust domain service accounts map into,
+    /// `system:serviceaccount:NS:SA` becoming `spiffe://TD/ns/NS/sa/SA`.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// `oidc`: claim values that are not SPIFFE IDs become agent ids by
+    /// appending them to this prefix, e.g. `spiffe://example.org/oidc/`.
+    #[serde(default)]
+    pub agent_prefix: Option<String>,
+}
+
+fn default_algorithms() -> Vec<JwtAlgorithm> {
+    vec![JwtAlgorithm::RS256, JwtAlgorithm::ES256]
+}
+
+fn default_agent_claim() -> String {
+    "sub".into()
+}
+
+/// Kinds of bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// A SPIFFE JWT-SVID: `sub` is the workload's SPIFFE ID.
+    JwtSvid,
+    /// A projected Kubernetes service-account token.
+    Kubernetes,
+    /// An OpenID Connect or RFC 8693 token-exchange token.
+    Oidc,
+}
+
+impl TokenKind {
+    /// The name policy and records use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::JwtSvid => "jwt_svid",
+            TokenKind::Kubernetes => "kubernetes",
+            TokenKind::Oidc => "oidc",
+        }
+    }
+}
+
+/// Asymmetric JWS algorithms (RFC 7518, RFC 8037).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum JwtAlgorithm {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    RS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-384.
+    RS384,
+    /// RSASSA-PKCS1-v1_5 with SHA-512.
+    RS512,
+    /// RSASSA-PSS with SHA-256.
+    PS256,
+    /// RSASSA-PSS with SHA-384.
+    PS384,
+    /// RSASSA-PSS with SHA-512.
+    PS512,
+    /// ECDSA P-256 with SHA-256.
+    ES256,
+    /// ECDSA P-384 with SHA-384.
+    ES384,
+    /// Ed25519.
+    EdDSA,
+}
+
+impl JwtAlgorithm {
+    /// Every algorithm.
+    pub const ALL: [JwtAlgorithm; 9] = [
+        JwtAlgorithm::RS256,
+        JwtAlgorithm::RS384,
+        JwtAlgorithm::RS512,
+        JwtAlgorithm::PS256,
+        JwtAlgorithm::PS384,
+        JwtAlgorithm::PS512,
+        JwtAlgorithm::ES256,
+        JwtAlgorithm::ES384,
+        JwtAlgorithm::EdDSA,
+    ];
+
+    /// The JOSE `alg` name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JwtAlgorithm::RS256 => "RS256",
+            JwtAlgorithm::RS384 => "RS384",
+            JwtAlgorithm::RS512 => "RS512",
+            JwtAlgorithm::PS256 => "PS256",
+            JwtAlgorithm::PS384 => "PS384",
+            JwtAlgorithm::PS512 => "PS512",
+            JwtAlgorithm::ES256 => "ES256",
+            JwtAlgorithm::ES384 => "ES384",
+            JwtAlgorithm::EdDSA => "EdDSA",
+        }
+    }
+
+    /// The algorithm a JOSE `alg` names, if Tether accepts it at all.
+    pub fn from_name(name: &str) -> Option<JwtAlgorithm> {
+        JwtAlgorithm::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+}
+
+/// Where an issuer's public keys come from: a JWKS file or URL.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JwksSource {
+    /// A JWKS file (e.g. a SPIRE bundle mounted from a ConfigMap); reloaded
+    /// when it changes.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// A JWKS URL (`https://` or `http://`), fetched in the background.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// URL: PEM CAs trusted for an `https://` URL. Absent: the system
+    /// roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// URL: how often the key set is fetched, in seconds.
+    #[serde(default = "default_jwks_refresh")]
+    pub refresh_seconds: u64,
+    /// URL: how long a fetched key set stays usable when fetches fail, in
+    /// seconds. Past this, tokens of this issuer are refused
+    /// (`token_keys_unavailable`) until a fetch succeeds.
+    #[serde(default = "default_jwks_max_age")]
+    pub max_age_seconds: u64,
+    /// URL: the least time between fetches caused by an unknown `kid`, in
+    /// milliseconds; doubles after each failed fetch (up to a minute).
+    #[serde(default = "default_jwks_cooldown")]
+    pub min_refetch_interval_ms: u64,
+}
+
+fn default_jwks_refresh() -> u64 {
+    300
+}
+
+fn default_jwks_max_age() -> u64 {
+    3600
+}
+
+fn default_jwks_cooldown() -> u64 {
+    5000
 }
 
 /// Where the registered agents come from.
@@ -477,13 +748,27 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        join(&mut self.listener.tls.cert);
-        join(&mut self.listener.tls.key);
+        if let Some(tls) = &mut self.listener.tls {
+            join(&mut tls.cert);
+            join(&mut tls.key);
+        }
         for td in &mut self.trust_domains {
             join(&mut td.bundle);
         }
-        if let Some(tls) = &mut self.upstream.tls {
-            if let Some(ca) = &mut tls.ca {
+        for issuer in &mut self.tokens.issuers {
+            for p in [&mut issuer.jwks.file, &mut issuer.jwks.ca]
+                .into_iter()
+                .flatten()
+            {
+                join(p);
+            }
+        }
+        if let Some(workload) = &mut self.workload {
+            join(&mut workload.cert);
+            join(&mut workload.key);
+        }
+        for upstream in self.upstream.iter_mut().chain(&mut self.upstreams) {
+            if let Some(ca) = upstream.tls.as_mut().and_then(|t| t.ca.as_mut()) {
                 join(ca);
             }
         }
@@ -507,6 +792,11 @@ impl Config {
     /// for existence; their contents are checked by their own loaders.
     pub fn validate(&self) -> Vec<ConfigError> {
         validate::config(self)
+    }
+
+    /// Every upstream: `upstream`, or the `upstreams` list, in match order.
+    pub fn all_upstreams(&self) -> impl Iterator<Item = &Upstream> {
+        self.upstream.iter().chain(&self.upstreams)
     }
 
     /// The config as YAML (what `from_yaml` reads back).

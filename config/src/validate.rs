@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::spiffe::{check_trust_domain, SpiffeId};
-use crate::{AgentSpec, Config, ConfigError};
+use crate::{AgentSpec, ClientAuth, Config, ConfigError, Mode, TokenKind};
 
 /// HTTP methods a route may name.
 const METHODS: &[&str] = &[
@@ -54,23 +54,62 @@ pub(crate) fn config(c: &Config) -> Vec<ConfigError> {
     };
 
     p.address("listener.address", &c.listener.address);
-    p.file_exists("listener.tls.cert", &c.listener.tls.cert);
-    p.file_exists("listener.tls.key", &c.listener.tls.key);
-    p.address("admin.address", &c.admin.address);
-    p.address("upstream.address", &c.upstream.address);
-    if let Some(tls) = &c.upstream.tls {
-        if tls.server_name.is_empty() {
-            p.push("upstream.tls.server_name", "must not be empty");
+    match (&c.listener.tls, c.mode) {
+        (Some(tls), _) => {
+            p.file_exists("listener.tls.cert", &tls.cert);
+            p.file_exists("listener.tls.key", &tls.key);
         }
-        if let Some(ca) = &tls.ca {
-            p.file_exists("upstream.tls.ca", ca);
+        (None, Mode::Ingress) => p.push(
+            "listener.tls",
+            "missing: in ingress mode agents connect over TLS (plain HTTP is for egress mode, on loopback)",
+        ),
+        (None, Mode::Egress) => {
+            // Plain HTTP carries no identity: only the pod itself may
+            // reach it, so it must not listen beyond loopback.
+            if c
+                .listener
+                .address
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| !a.ip().is_loopback())
+            {
+                p.push(
+                    "listener.address",
+                    format!(
+                        "`{}`: a plain-HTTP egress listener must bind to loopback (e.g. `127.0.0.1:15001`)",
+                        c.listener.address
+                    ),
+                );
+            }
         }
     }
+    p.address("admin.address", &c.admin.address);
+    check_upstreams(&mut p, c);
+    match (&c.workload, c.mode) {
+        (Some(w), _) => {
+            p.file_exists("workload.cert", &w.cert);
+            p.file_exists("workload.key", &w.key);
+        }
+        (None, Mode::Egress) => p.push(
+            "workload",
+            "missing: in egress mode the pod's own SVID is the principal",
+        ),
+        (None, Mode::Ingress) => {}
+    }
 
-    if c.trust_domains.is_empty() {
+    let token_identities = !c.tokens.issuers.is_empty();
+    if c.mode == Mode::Ingress && c.trust_domains.is_empty() && !token_identities {
         p.push(
             "trust_domains",
-            "at least one trust domain is needed to verify agents",
+            "at least one trust domain (or a token issuer) is needed to verify agents",
+        );
+    }
+    if c.mode == Mode::Ingress
+        && c.trust_domains.is_empty()
+        && c.listener.client_auth == ClientAuth::Required
+    {
+        p.push(
+            "listener.client_auth",
+            "`required` needs `trust_domains` to verify client certificates against; use `optional` for token-only agents",
         );
     }
     let mut seen = HashSet::new();
@@ -87,6 +126,7 @@ pub(crate) fn config(c: &Config) -> Vec<ConfigError> {
         }
         p.file_exists(&format!("trust_domains[{i}].bundle"), &td.bundle);
     }
+    check_tokens(&mut p, c);
 
     p.file_exists("policy.schema", &c.policy.schema);
     p.file_exists("policy.policies", &c.policy.policies);
@@ -161,15 +201,15 @@ pub(crate) fn agents(
         file,
         errors: Vec::new(),
     };
-    let domains: HashSet<&str> = c.trust_domains.iter().map(|t| t.name.as_str()).collect();
+    let domains = reachable_trust_domains(c);
     let mut seen = HashSet::new();
     for (i, agent) in agents.iter().enumerate() {
         let at = |f: &str| format!("{prefix}[{i}].{f}");
         match SpiffeId::parse(&agent.id) {
-            Ok(id) if !domains.contains(id.trust_domain()) => p.push(
+            Ok(id) if domains.as_ref().is_some_and(|d| !d.contains(id.trust_domain())) => p.push(
                 at("id"),
                 format!(
-                    "trust domain `{}` is not in `trust_domains`, so `{}` could never connect",
+                    "trust domain `{}` is not in `trust_domains` nor a token issuer's, so `{}` could never connect",
                     id.trust_domain(),
                     agent.id
                 ),
@@ -195,20 +235,188 @@ pub(crate) fn agents(
     p.errors
 }
 
+/// The trust domains an agent can prove an identity in, or `None` when
+/// any is possible (egress mode's workload SVID, OIDC subjects that are
+/// SPIFFE IDs of any domain).
+fn reachable_trust_domains(c: &Config) -> Option<HashSet<String>> {
+    if c.mode == Mode::Egress {
+        return None;
+    }
+    let mut domains: HashSet<String> = c.trust_domains.iter().map(|t| t.name.clone()).collect();
+    for issuer in &c.tokens.issuers {
+        match (&issuer.trust_domain, &issuer.agent_prefix) {
+            (Some(td), _) => {
+                domains.insert(td.clone());
+            }
+            (None, Some(prefix)) => {
+                if let Ok(id) = SpiffeId::parse(&format!("{prefix}x")) {
+                    domains.insert(id.trust_domain().to_string());
+                }
+            }
+            (None, None) => return None,
+        }
+    }
+    Some(domains)
+}
+
+fn check_upstreams(p: &mut Problems<'_>, c: &Config) {
+    match (&c.upstream, c.upstreams.is_empty()) {
+        (None, true) => p.push("upstreams", "missing: name an `upstream` or `upstreams`"),
+        (Some(_), false) => p.push(
+            "upstreams",
+            "give either `upstream` (one API) or `upstreams` (several), not both",
+        ),
+        _ => {}
+    }
+    let fields: Vec<String> = match &c.upstream {
+        Some(_) => vec!["upstream".into()],
+        None => (0..c.upstreams.len())
+            .map(|i| format!("upstreams[{i}]"))
+            .collect(),
+    };
+    let mut names = HashSet::new();
+    for (field, upstream) in fields.iter().zip(c.all_upstreams()) {
+        p.address(&format!("{field}.address"), &upstream.address);
+        if let Some(name) = &upstream.name {
+            if !names.insert(name.as_str()) {
+                p.push(format!("{field}.name"), format!("`{name}` is used twice"));
+            }
+        }
+        for host in upstream.hosts.iter().flat_map(|h| h.values()) {
+            check_host(p, &format!("{field}.hosts"), host);
+        }
+        if let Some(prefix) = &upstream.path_prefix {
+            if !prefix.starts_with('/') {
+                p.push(
+                    format!("{field}.path_prefix"),
+                    format!("`{prefix}` must start with `/`"),
+                );
+            }
+        }
+        if let Some(tls) = &upstream.tls {
+            if tls.server_name.is_empty() {
+                p.push(format!("{field}.tls.server_name"), "must not be empty");
+            }
+            if let Some(ca) = &tls.ca {
+                p.file_exists(&format!("{field}.tls.ca"), ca);
+            }
+            if tls.client_certificate && c.workload.is_none() {
+                p.push(
+                    format!("{field}.tls.client_certificate"),
+                    "needs `workload`: the SVID to present",
+                );
+            }
+        }
+    }
+}
+
+fn check_tokens(p: &mut Problems<'_>, c: &Config) {
+    let t = &c.tokens;
+    for (field, value) in [
+        (
+            "tokens.max_lifetime_seconds",
+            t.max_lifetime_seconds as usize,
+        ),
+        ("tokens.max_token_bytes", t.max_token_bytes),
+        ("tokens.max_header_bytes", t.max_header_bytes),
+        ("tokens.max_delegation_depth", t.max_delegation_depth),
+    ] {
+        if value == 0 {
+            p.push(field, "must be at least 1");
+        }
+    }
+    let mut seen = HashSet::new();
+    for (i, issuer) in t.issuers.iter().enumerate() {
+        let at = |f: &str| format!("tokens.issuers[{i}].{f}");
+        if issuer.issuer.is_empty() {
+            p.push(at("issuer"), "must not be empty");
+        }
+        if !seen.insert(issuer.issuer.as_str()) {
+            p.push(
+                at("issuer"),
+                format!("issuer `{}` is listed twice", issuer.issuer),
+            );
+        }
+        if issuer.audiences.is_empty() || issuer.audiences.iter().any(String::is_empty) {
+            p.push(
+                at("audiences"),
+                "name at least one audience (RFC 8725: a token without one is refused)",
+            );
+        }
+        if issuer.algorithms.is_empty() {
+            p.push(at("algorithms"), "name at least one algorithm");
+        }
+        if issuer.agent_claim.is_empty() {
+            p.push(at("agent_claim"), "must not be empty");
+        }
+        let jwks = &issuer.jwks;
+        match (&jwks.file, &jwks.url) {
+            (Some(file), None) => p.file_exists(&at("jwks.file"), file),
+            (None, Some(url)) => {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    p.push(at("jwks.url"), format!("`{url}` is not an http(s) URL"));
+                }
+                if jwks.refresh_seconds == 0 || jwks.max_age_seconds < jwks.refresh_seconds {
+                    p.push(
+                        at("jwks.max_age_seconds"),
+                        "must be at least `refresh_seconds`, which must be at least 1",
+                    );
+                }
+            }
+            _ => p.push(at("jwks"), "give exactly one of `file` and `url`"),
+        }
+        if let Some(ca) = &jwks.ca {
+            p.file_exists(&at("jwks.ca"), ca);
+        }
+        if let Some(td) = &issuer.trust_domain {
+            if let Err(e) = check_trust_domain(td) {
+                p.push(at("trust_domain"), e);
+            }
+        }
+        match issuer.kind {
+            TokenKind::JwtSvid | TokenKind::Kubernetes if issuer.trust_domain.is_none() => p.push(
+                at("trust_domain"),
+                format!(
+                    "missing: a `{}` issuer names the trust domain of its agents",
+                    issuer.kind.as_str()
+                ),
+            ),
+            _ => {}
+        }
+        if let Some(prefix) = &issuer.agent_prefix {
+            if issuer.kind != TokenKind::Oidc {
+                p.push(
+                    at("agent_prefix"),
+                    "only `oidc` issuers map claims by prefix",
+                );
+            } else if !prefix.ends_with('/') || SpiffeId::parse(&format!("{prefix}x")).is_err() {
+                p.push(
+                    at("agent_prefix"),
+                    format!("`{prefix}` must be a SPIFFE ID prefix ending in `/`, e.g. `spiffe://example.org/oidc/`"),
+                );
+            }
+        }
+    }
+}
+
+fn check_host(p: &mut Problems<'_>, field: &str, host: &str) {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        p.push(
+            field,
+            format!("`{host}` is not a host name (or `*.` and one)"),
+        );
+    }
+}
+
 fn check_route(p: &mut Problems<'_>, i: usize, route: &crate::Route) {
     let methods = route.method.values();
     for host in route.host.iter().flat_map(|h| h.values()) {
-        let name = host.strip_prefix("*.").unwrap_or(host);
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        {
-            p.push(
-                format!("routes[{i}].host"),
-                format!("`{host}` is not a host name (or `*.` and one)"),
-            );
-        }
+        check_host(p, &format!("routes[{i}].host"), host);
     }
     for (name, value) in &route.resource.attributes {
         if !(value.is_string() || value.is_boolean() || value.is_i64()) {

@@ -278,8 +278,11 @@ impl PolicyEngine {
 /// What policy sees of a request besides principal, action and resource:
 /// Tether's context contract. Cedar receives it as
 /// `{ identity_kind: String, trust_domain: String, source_ip: ipaddr,
-///    time: { weekday: Long, hour: Long } }` (weekday 1 = Monday, UTC).
-/// A schema declares the attributes its policies read.
+///    time: { weekday: Long, hour: Long } }` (weekday 1 = Monday, UTC),
+/// and, when a token delegates, `on_behalf_of: String` (the subject),
+/// `delegation_chain: Set<String>` (every agent in the chain, the
+/// principal included) and `delegation_depth: Long`. A schema declares
+/// the attributes its policies read (the delegation ones optional: `?`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RequestContext {
     /// How the caller proved its identity.
@@ -292,6 +295,8 @@ pub struct RequestContext {
     pub hour: u8,
     /// An MCP `tools/call`'s arguments, canonical JSON.
     pub arguments: Option<Arc<str>>,
+    /// For whom the principal acts, when a token delegates.
+    pub delegation: Option<Arc<crate::context::Delegation>>,
 }
 
 /// Everything a decision depends on: the cache key, and the only input of
@@ -334,6 +339,7 @@ impl DecisionInput {
                 weekday: started.weekday().number_from_monday(),
                 hour: started.hour(),
                 arguments: ctx.mcp.as_ref().and_then(|m| m.arguments.clone()),
+                delegation: principal.delegation.clone(),
             },
         })
     }
@@ -465,6 +471,24 @@ fn cedar_context(trust_domain: &str, c: &RequestContext) -> Result<Context, Stri
         pairs.push((
             "arguments".to_string(),
             crate::mcp::arguments_expression(arguments)?,
+        ));
+    }
+    if let Some(d) = &c.delegation {
+        pairs.push((
+            "on_behalf_of".to_string(),
+            RestrictedExpression::new_string(d.subject.to_string()),
+        ));
+        pairs.push((
+            "delegation_chain".to_string(),
+            RestrictedExpression::new_set(
+                d.actors
+                    .iter()
+                    .map(|a| RestrictedExpression::new_string(a.as_str().to_string())),
+            ),
+        ));
+        pairs.push((
+            "delegation_depth".to_string(),
+            RestrictedExpression::new_long(d.depth() as i64),
         ));
     }
     if let Some(ip) = c.source_ip {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use tether_config::spiffe::SpiffeId;
+use tether_config::TokenKind;
 
 use crate::authorize::Decision;
 use crate::identity::PeerIdentity;
@@ -17,15 +18,20 @@ use crate::{Denial, Snapshot};
 /// How the caller proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IdentityKind {
-    /// A SPIFFE X.509-SVID presented on the mTLS connection.
+    /// A SPIFFE X.509-SVID: presented on the mTLS connection (ingress), or
+    /// the pod's own (egress).
     X509Svid,
+    /// A bearer token of this kind.
+    Token(TokenKind),
 }
 
 impl IdentityKind {
-    /// The name policy and records use.
+    /// The name policy and records use: `x509_svid`, `jwt_svid`,
+    /// `kubernetes` or `oidc`.
     pub fn as_str(self) -> &'static str {
         match self {
             IdentityKind::X509Svid => "x509_svid",
+            IdentityKind::Token(kind) => kind.as_str(),
         }
     }
 }
@@ -33,10 +39,37 @@ impl IdentityKind {
 /// A verified caller.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    /// The workload's SPIFFE ID.
+    /// The acting workload's SPIFFE ID.
     pub id: SpiffeId,
     /// How it was verified.
     pub kind: IdentityKind,
+    /// For whom it acts, when a token delegates (RFC 8693 `act`).
+    pub delegation: Option<Arc<Delegation>>,
+}
+
+/// A delegation chain: a subject (usually a person) and the agents that
+/// act for it, in order, the last acting now.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Delegation {
+    /// The token's `sub`: on whose behalf the agents act.
+    pub subject: Arc<str>,
+    /// The agents, from the first one the subject delegated to, to the
+    /// one making this request (the principal).
+    pub actors: Vec<SpiffeId>,
+}
+
+impl Delegation {
+    /// How many agents the chain holds.
+    pub fn depth(&self) -> usize {
+        self.actors.len()
+    }
+
+    /// The whole chain, subject first, as records show it.
+    pub fn chain(&self) -> Vec<&str> {
+        std::iter::once(&*self.subject)
+            .chain(self.actors.iter().map(SpiffeId::as_str))
+            .collect()
+    }
 }
 
 /// A request id: random, printed as 16 hex digits.
@@ -62,8 +95,12 @@ pub struct RequestCtx {
     pub snapshot: Arc<Snapshot>,
     /// The TCP peer's address.
     pub client_addr: Option<IpAddr>,
-    /// The verified peer certificate identity, from the TLS handshake.
+    /// The verified X.509-SVID: the client's, from the TLS handshake
+    /// (ingress), or the pod's own (egress).
     pub peer: Option<Arc<PeerIdentity>>,
+    /// Whether the request already waited for an issuer's keys to be
+    /// refetched (it waits at most once).
+    pub keys_refetched: bool,
     /// The normalized path (no query), as routed, decided and forwarded.
     pub path: String,
     /// The request body, when a stage needed it (bounded by that stage).
@@ -95,6 +132,7 @@ impl RequestCtx {
             snapshot,
             client_addr: None,
             peer: None,
+            keys_refetched: false,
             path: String::new(),
             body: None,
             principal: None,

@@ -20,6 +20,8 @@ pub mod route;
 pub mod sanitize;
 pub mod snapshot;
 
+use std::sync::Arc;
+
 use pingora_http::RequestHeader;
 
 pub use context::{IdentityKind, Principal, RequestCtx};
@@ -41,10 +43,22 @@ pub trait Filter: Send + Sync {
     fn body_limit(&self, _ctx: &RequestCtx) -> Option<usize> {
         None
     }
+
+    /// If this stage would refuse for want of an issuer key that an early
+    /// fetch might bring (an unknown `kid` after a key rotation), the
+    /// source to fetch. The chain then pauses while the proxy waits for
+    /// the fetch, once per request.
+    fn keys_to_refetch(
+        &self,
+        _req: &RequestHeader,
+        _ctx: &RequestCtx,
+    ) -> Option<Arc<identity::jwks::KeySource>> {
+        None
+    }
 }
 
 /// How far a chain run got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Progress {
     /// Every stage passed.
     Done,
@@ -56,6 +70,38 @@ pub enum Progress {
         /// The most bytes to read.
         limit: usize,
     },
+    /// The stage at `resume_at` needs `source` fetched again: call
+    /// [`KeySource::refetch`](identity::jwks::KeySource::refetch), set
+    /// `ctx.keys_refetched`, and call [`Chain::run_from`].
+    NeedsKeys {
+        /// Where to resume.
+        resume_at: usize,
+        /// The issuer keys to fetch.
+        source: Arc<identity::jwks::KeySource>,
+    },
+}
+
+impl PartialEq for Progress {
+    fn eq(&self, other: &Progress) -> bool {
+        match (self, other) {
+            (Progress::Done, Progress::Done) => true,
+            (
+                Progress::NeedsBody { resume_at, limit },
+                Progress::NeedsBody {
+                    resume_at: r,
+                    limit: l,
+                },
+            ) => resume_at == r && limit == l,
+            (
+                Progress::NeedsKeys { resume_at, source },
+                Progress::NeedsKeys {
+                    resume_at: r,
+                    source: s,
+                },
+            ) => resume_at == r && Arc::ptr_eq(source, s),
+            _ => false,
+        }
+    }
 }
 
 /// The stages in the order they run.
@@ -89,6 +135,14 @@ impl Chain {
                     return Ok(Progress::NeedsBody {
                         resume_at: i,
                         limit,
+                    });
+                }
+            }
+            if !ctx.keys_refetched {
+                if let Some(source) = filter.keys_to_refetch(req, ctx) {
+                    return Ok(Progress::NeedsKeys {
+                        resume_at: i,
+                        source,
                     });
                 }
             }

@@ -124,7 +124,8 @@ impl Filter for Lifecycle {
                 format!("agent `{}` is {}", agent.id, agent.state.as_str()),
             ));
         }
-        if agent.expires.has_passed(OffsetDateTime::from(ctx.started)) {
+        let now = OffsetDateTime::from(ctx.started);
+        if agent.expires.has_passed(now) {
             return Err(Denial::new(
                 Reason::Expired,
                 format!(
@@ -133,6 +134,24 @@ impl Filter for Lifecycle {
                     agent.expires.to_text()
                 ),
             ));
+        }
+        // Every agent the subject's authority passed through answers for
+        // this request too: each must be registered and live.
+        if let Some(delegation) = &principal.delegation {
+            for actor in &delegation.actors {
+                let live =
+                    ctx.snapshot.registry.get(actor.as_str()).is_some_and(|a| {
+                        a.state == AgentState::Active && !a.expires.has_passed(now)
+                    });
+                if !live {
+                    return Err(Denial::new(
+                        Reason::UnregisteredActor,
+                        format!(
+                            "`{actor}` in the delegation chain is not a registered, active agent"
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -149,6 +168,7 @@ mod tests {
         ctx.principal = Some(Principal {
             id: SpiffeId::parse(id).expect("id"),
             kind: IdentityKind::X509Svid,
+            delegation: None,
         });
         Lifecycle.apply(&mut testing::get("/"), &mut ctx)?;
         Ok(ctx)
@@ -167,6 +187,43 @@ mod tests {
                 .map(|_| Reason::Allowed)
                 .unwrap_or_else(|d| d.reason);
             assert_eq!(got, expected, "{id}");
+        }
+    }
+
+    #[test]
+    fn every_actor_in_a_delegation_chain_must_be_live() {
+        for (actors, expected) in [
+            (vec![testing::BOB_BOT, testing::ALICE_BOT], Reason::Allowed),
+            (
+                vec!["spiffe://example.org/agents/stranger", testing::ALICE_BOT],
+                Reason::UnregisteredActor,
+            ),
+            (
+                vec![testing::SUSPENDED_BOT, testing::ALICE_BOT],
+                Reason::UnregisteredActor,
+            ),
+            (
+                vec![testing::EXPIRED_BOT, testing::ALICE_BOT],
+                Reason::UnregisteredActor,
+            ),
+        ] {
+            let mut ctx = testing::ctx();
+            ctx.principal = Some(Principal {
+                id: SpiffeId::parse(testing::ALICE_BOT).expect("id"),
+                kind: IdentityKind::X509Svid,
+                delegation: Some(Arc::new(crate::context::Delegation {
+                    subject: "alice@example.com".into(),
+                    actors: actors
+                        .iter()
+                        .map(|a| SpiffeId::parse(a).expect("id"))
+                        .collect(),
+                })),
+            });
+            let got = Lifecycle
+                .apply(&mut testing::get("/"), &mut ctx)
+                .map(|_| Reason::Allowed)
+                .unwrap_or_else(|d| d.reason);
+            assert_eq!(got, expected, "{actors:?}");
         }
     }
 

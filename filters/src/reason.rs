@@ -19,6 +19,37 @@ pub enum Reason {
     BodyTooLarge,
     /// No verified workload identity came with the request.
     NoIdentity,
+    /// The bearer token is not a well-formed JWS (or has a `crit` header).
+    TokenMalformed,
+    /// The token or its header is over the size limit.
+    TokenTooLarge,
+    /// `none`, HMAC, an algorithm the issuer does not allow, or one that
+    /// does not fit the key.
+    TokenAlgorithm,
+    /// The issuer has no key with the token's `kid`.
+    TokenUnknownKey,
+    /// The issuer's keys could not be fetched (or are stale): fail closed.
+    TokenKeysUnavailable,
+    /// The signature does not verify.
+    TokenSignature,
+    /// The `iss` is not a configured issuer.
+    TokenIssuer,
+    /// The `aud` is missing or names none of the issuer's audiences.
+    TokenAudience,
+    /// Past `exp`.
+    TokenExpired,
+    /// Before `nbf` (or `iat`).
+    TokenNotYetValid,
+    /// `exp - iat` is over the maximum lifetime (or `iat` is missing).
+    TokenLifetime,
+    /// A required claim is missing or does not name an agent.
+    TokenClaims,
+    /// The token belongs to another workload than the client certificate.
+    TokenNotBound,
+    /// The delegation chain is deeper than allowed.
+    DelegationDepth,
+    /// An agent in the delegation chain is not a registered, active agent.
+    UnregisteredActor,
     /// The identity is not a registered agent.
     Unregistered,
     /// The agent's registration has expired.
@@ -39,12 +70,27 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 28] = [
         Reason::Allowed,
         Reason::BadPath,
         Reason::BadRequest,
         Reason::BodyTooLarge,
         Reason::NoIdentity,
+        Reason::TokenMalformed,
+        Reason::TokenTooLarge,
+        Reason::TokenAlgorithm,
+        Reason::TokenUnknownKey,
+        Reason::TokenKeysUnavailable,
+        Reason::TokenSignature,
+        Reason::TokenIssuer,
+        Reason::TokenAudience,
+        Reason::TokenExpired,
+        Reason::TokenNotYetValid,
+        Reason::TokenLifetime,
+        Reason::TokenClaims,
+        Reason::TokenNotBound,
+        Reason::DelegationDepth,
+        Reason::UnregisteredActor,
         Reason::Unregistered,
         Reason::Expired,
         Reason::Inactive,
@@ -63,6 +109,21 @@ impl Reason {
             Reason::BadRequest => "bad_request",
             Reason::BodyTooLarge => "body_too_large",
             Reason::NoIdentity => "no_identity",
+            Reason::TokenMalformed => "token_malformed",
+            Reason::TokenTooLarge => "token_too_large",
+            Reason::TokenAlgorithm => "token_algorithm",
+            Reason::TokenUnknownKey => "token_unknown_key",
+            Reason::TokenKeysUnavailable => "token_keys_unavailable",
+            Reason::TokenSignature => "token_signature",
+            Reason::TokenIssuer => "token_issuer",
+            Reason::TokenAudience => "token_audience",
+            Reason::TokenExpired => "token_expired",
+            Reason::TokenNotYetValid => "token_not_yet_valid",
+            Reason::TokenLifetime => "token_lifetime",
+            Reason::TokenClaims => "token_claims",
+            Reason::TokenNotBound => "token_not_bound",
+            Reason::DelegationDepth => "delegation_depth",
+            Reason::UnregisteredActor => "unregistered_actor",
             Reason::Unregistered => "unregistered",
             Reason::Expired => "expired",
             Reason::Inactive => "inactive",
@@ -81,8 +142,25 @@ impl Reason {
             Reason::Allowed => 200,
             Reason::BadPath | Reason::BadRequest => 400,
             Reason::BodyTooLarge => 413,
-            Reason::NoIdentity => 401,
-            Reason::Unregistered
+            // Authentication failed: the caller may fix its credentials.
+            Reason::NoIdentity
+            | Reason::TokenNotBound
+            | Reason::TokenMalformed
+            | Reason::TokenTooLarge
+            | Reason::TokenAlgorithm
+            | Reason::TokenUnknownKey
+            | Reason::TokenSignature
+            | Reason::TokenIssuer
+            | Reason::TokenAudience
+            | Reason::TokenExpired
+            | Reason::TokenNotYetValid
+            | Reason::TokenLifetime
+            | Reason::TokenClaims => 401,
+            // Tether cannot check tokens right now: retry later.
+            Reason::TokenKeysUnavailable => 503,
+            Reason::DelegationDepth
+            | Reason::UnregisteredActor
+            | Reason::Unregistered
             | Reason::Expired
             | Reason::Inactive
             | Reason::NoRoute
@@ -101,6 +179,23 @@ impl Reason {
             Reason::BadRequest => "the request body is malformed",
             Reason::BodyTooLarge => "the request body is too large",
             Reason::NoIdentity => "no verified workload identity was presented",
+            Reason::TokenMalformed
+            | Reason::TokenTooLarge
+            | Reason::TokenAlgorithm
+            | Reason::TokenUnknownKey
+            | Reason::TokenSignature
+            | Reason::TokenIssuer
+            | Reason::TokenAudience
+            | Reason::TokenExpired
+            | Reason::TokenNotYetValid
+            | Reason::TokenLifetime
+            | Reason::TokenClaims => "the bearer token is not valid",
+            Reason::TokenNotBound => "the bearer token belongs to another workload",
+            Reason::TokenKeysUnavailable => "the token issuer's keys are unavailable; retry later",
+            Reason::DelegationDepth => "the delegation chain is too deep",
+            Reason::UnregisteredActor => {
+                "an agent in the delegation chain is not a registered, active agent"
+            }
             Reason::Unregistered => "the identity is not a registered agent",
             Reason::Expired => "the agent's registration has expired",
             Reason::Inactive => "the agent is suspended or offboarded",

@@ -10,7 +10,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -43,6 +45,10 @@ pub struct Metrics {
     pub config_last_reload_successful: IntGauge,
     /// Requests where the shadow policies decided differently.
     pub shadow_disagreements: IntCounter,
+    /// Seconds until each certificate Tether holds expires (negative once
+    /// expired), by `certificate`: `listener`, `workload`, `bundle:<td>`.
+    /// Set at scrape time.
+    pub certificate_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -92,7 +98,16 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(client_cert_rejected.clone()))?;
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "tether_certificate_expiry_seconds",
+                "Seconds until the certificate expires: the listener's, the workload SVID, each trust bundle's first to expire.",
+            ),
+            &["certificate"],
+        )?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         Ok(Metrics {
+            certificate_expiry,
             requests,
             request_duration,
             cache_hits: counter(
@@ -185,6 +200,13 @@ pub struct AuditRecord<'a> {
     pub agent: Option<&'a str>,
     /// How it was verified.
     pub identity_kind: Option<&'static str>,
+    /// For whom the agent acts, when a token delegates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<&'a str>,
+    /// The whole delegation chain: the subject, then each agent in turn,
+    /// the last being `agent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegation_chain: Option<Vec<&'a str>>,
     /// The agent's human owner.
     pub owner: Option<&'a str>,
     /// The owner's team.
@@ -250,6 +272,7 @@ impl<'a> AuditRecord<'a> {
             .as_ref()
             .and_then(|m| ctx.snapshot.routes.get(m.index))
             .map(|r| &*r.template);
+        let delegation = ctx.principal.as_ref().and_then(|p| p.delegation.as_deref());
         AuditRecord {
             time: started
                 .format(&time::format_description::well_known::Rfc3339)
@@ -262,6 +285,8 @@ impl<'a> AuditRecord<'a> {
             detail: ctx.denial.as_ref().map(|d| d.detail.as_ref()),
             agent: ctx.principal.as_ref().map(|p| p.id.as_str()),
             identity_kind: ctx.principal.as_ref().map(|p| p.kind.as_str()),
+            on_behalf_of: delegation.map(|d| &*d.subject),
+            delegation_chain: delegation.map(|d| d.chain()),
             owner: ctx.agent.as_deref().map(|a| &*a.owner),
             team: ctx.agent.as_deref().map(|a| &*a.team),
             method,

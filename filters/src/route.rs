@@ -18,15 +18,26 @@ enum Segment {
     Param(ParamType),
 }
 
-/// A host a route matches.
-enum HostPattern {
+/// A host a route (or an upstream) matches.
+pub enum HostPattern {
+    /// One name.
     Exact(String),
     /// `*.example.org`: any name ending in `.example.org`.
     Subdomain(String),
 }
 
 impl HostPattern {
-    fn matches(&self, host: &str) -> bool {
+    /// `*.domain` or a name; case does not matter.
+    pub fn new(pattern: &str) -> HostPattern {
+        match pattern.strip_prefix('*') {
+            Some(suffix) => HostPattern::Subdomain(suffix.to_ascii_lowercase()),
+            None => HostPattern::Exact(pattern.to_ascii_lowercase()),
+        }
+    }
+
+    /// Whether `host` (lower case, no port, as [`request_host`] gives it)
+    /// matches.
+    pub fn matches(&self, host: &str) -> bool {
         match self {
             HostPattern::Exact(h) => h == host,
             HostPattern::Subdomain(suffix) => {
@@ -227,15 +238,10 @@ fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
     } else {
         Some(methods.into_iter().map(String::from).collect())
     };
-    let hosts = r.host.as_ref().map(|h| {
-        h.values()
-            .into_iter()
-            .map(|h| match h.strip_prefix('*') {
-                Some(suffix) => HostPattern::Subdomain(suffix.to_ascii_lowercase()),
-                None => HostPattern::Exact(h.to_ascii_lowercase()),
-            })
-            .collect()
-    });
+    let hosts = r
+        .host
+        .as_ref()
+        .map(|h| h.values().into_iter().map(HostPattern::new).collect());
     let resource_attributes = r
         .resource
         .attributes

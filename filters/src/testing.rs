@@ -101,6 +101,7 @@ pub fn ctx_for(agent: &str, method: &str, path: &str) -> RequestCtx {
     ctx.principal = Some(Principal {
         id: SpiffeId::parse(agent).expect("id"),
         kind: IdentityKind::X509Svid,
+        delegation: None,
     });
     ctx.agent = ctx.snapshot.registry.get(agent).cloned();
     ctx.route = ctx.snapshot.routes.find(method, path);
@@ -115,7 +116,14 @@ pub fn peer(id: &str) -> PeerIdentity {
     PeerIdentity {
         id: SpiffeId::parse(id).expect("id"),
         not_after: 0,
+        cert_sha256: [0; 32],
     }
+}
+
+/// The identity stage with no token issuers.
+pub fn identity() -> crate::identity::Identity {
+    let tokens = crate::identity::jwt::TokenVerifier::new(&Default::default(), Vec::new());
+    crate::identity::Identity::new(Arc::new(tokens))
 }
 
 /// The decision input of a request by `agent` for `method path`.
@@ -130,6 +138,7 @@ pub fn input(
     ctx.principal = Some(Principal {
         id: SpiffeId::parse(agent).expect("id"),
         kind: IdentityKind::X509Svid,
+        delegation: None,
     });
     ctx.agent = snapshot.registry.get(agent).cloned();
     ctx.route = snapshot.routes.find(method, path);

@@ -50,6 +50,11 @@ impl AdminApp {
     fn metrics(&self) -> Vec<u8> {
         let m = &self.app.metrics;
         m.cache_entries.set(self.app.cache.entry_count() as i64);
+        for (certificate, seconds) in self.app.certificate_expiry() {
+            m.certificate_expiry
+                .with_label_values(&[certificate.as_str()])
+                .set(seconds);
+        }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&m.registry.gather(), &mut out) {
             log::error!("cannot encode metrics: {e}");

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use tether_config::{Config, ConfigErrors};
+use tether_config::{ClientAuth, Config, ConfigErrors};
 use tether_filters::authorize::{Authorize, DecisionCache};
 use tether_filters::credentials::Credentials;
+use tether_filters::identity::jwks::KeySource;
+use tether_filters::identity::jwt::TokenVerifier;
 use tether_filters::identity::tls::SpiffeClientVerifier;
 use tether_filters::identity::Identity;
 use tether_filters::lifecycle::Lifecycle;
@@ -21,8 +23,9 @@ use tether_filters::route::Routing;
 use tether_filters::sanitize::Sanitize;
 use tether_filters::{Chain, Snapshot};
 
+use crate::certs::{ServerCert, WorkloadSvid};
 use crate::telemetry::Telemetry;
-use crate::tls;
+use crate::{jwks, tls};
 
 /// Everything the request path shares.
 pub struct App {
@@ -45,19 +48,30 @@ pub struct App {
     pub telemetry: Telemetry,
     /// The listener's client verifier, whose bundles reload.
     pub verifier: Arc<SpiffeClientVerifier>,
+    /// Bearer-token issuers and their keys.
+    pub tokens: Arc<TokenVerifier>,
+    /// Each issuer's key source, in config order.
+    key_sources: Vec<Arc<KeySource>>,
+    /// The listener's certificate, when it serves TLS; rotates.
+    pub server_cert: Option<Arc<ServerCert>>,
+    /// Egress: the pod's own SVID; rotates.
+    pub workload: Option<Arc<WorkloadSvid>>,
+    /// Each trust domain's earliest bundle expiry, Unix seconds.
+    bundle_expiry: Mutex<Vec<(String, i64)>>,
     /// Serializes reloads; holds the fingerprint of the files last loaded.
     reload_state: Mutex<u64>,
 }
 
 /// The stages every request passes, in order. Each stands where it does
 /// because it needs what the ones before it established.
-pub fn chain(cache: Arc<DecisionCache>, metrics: &Metrics) -> Chain {
+pub fn chain(cache: Arc<DecisionCache>, metrics: &Metrics, tokens: Arc<TokenVerifier>) -> Chain {
     Chain::new(vec![
         // First: strip caller-sent identity headers and normalize the path,
         // so nothing after this reads caller claims or an unnormalized path.
         Box::new(Sanitize),
-        // Who is calling: the verified SVID from the TLS handshake.
-        Box::new(Identity),
+        // Who is calling: the verified SVID and bearer token, bound to
+        // each other when both are present.
+        Box::new(Identity::new(tokens)),
         // Who answers for it: registered, owned, active, unexpired.
         Box::new(Lifecycle),
         // What it is doing: method and normalized path to action and resource.
@@ -82,12 +96,27 @@ impl App {
         let metrics = Arc::new(Metrics::new().context("registering metrics")?);
         metrics.config_generation.set(1);
         metrics.config_last_reload_successful.set(1);
+        let (trust, bundle_expiry) = tls::trust_store(&config)?;
         let verifier = Arc::new(SpiffeClientVerifier::new(
-            tls::trust_store(&config)?,
+            trust,
             Arc::new(rustls::crypto::ring::default_provider()),
-            true,
+            config.listener.client_auth == ClientAuth::Required,
             metrics.client_cert_rejected.clone(),
         ));
+        let key_sources = jwks::sources(&config.tokens)?;
+        let tokens = Arc::new(TokenVerifier::new(&config.tokens, key_sources.clone()));
+        let server_cert = match &config.listener.tls {
+            Some(t) => Some(Arc::new(
+                ServerCert::load(&t.cert, &t.key).context("listener.tls")?,
+            )),
+            None => None,
+        };
+        let workload = match &config.workload {
+            Some(w) => Some(Arc::new(
+                WorkloadSvid::load(&w.cert, &w.key).context("workload")?,
+            )),
+            None => None,
+        };
         let cache = Arc::new(DecisionCache::new(
             config.cache.max_entries,
             Duration::from_secs(config.cache.ttl_seconds),
@@ -104,7 +133,7 @@ impl App {
             .context("starting OpenTelemetry export")?;
         Ok(App {
             config_path: config_path.to_path_buf(),
-            chain: chain(cache.clone(), &metrics),
+            chain: chain(cache.clone(), &metrics, tokens.clone()),
             snapshot: ArcSwap::from_pointee(snapshot),
             reload_state: Mutex::new(fingerprint(config_path, &config)),
             config,
@@ -113,7 +142,63 @@ impl App {
             audit,
             telemetry,
             verifier,
+            tokens,
+            key_sources,
+            server_cert,
+            workload,
+            bundle_expiry: Mutex::new(bundle_expiry),
         })
+    }
+
+    /// Starts what runs beside the proxy: the reload and rotation watcher
+    /// and the JWKS fetcher.
+    pub fn start_background(self: &Arc<Self>) -> anyhow::Result<()> {
+        let url_sources = self
+            .config
+            .tokens
+            .issuers
+            .iter()
+            .zip(self.key_sources.iter().cloned())
+            .filter(|(issuer, _)| issuer.jwks.url.is_some())
+            .map(|(issuer, source)| (source, issuer.jwks.clone()))
+            .collect();
+        jwks::start_fetcher(url_sources)?;
+        self.watch();
+        Ok(())
+    }
+
+    /// Seconds until each certificate Tether holds expires, by name.
+    pub fn certificate_expiry(&self) -> Vec<(String, i64)> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut out = Vec::new();
+        if let Some(cert) = &self.server_cert {
+            out.push(("listener".to_string(), cert.not_after() - now));
+        }
+        if let Some(workload) = &self.workload {
+            out.push((
+                "workload".to_string(),
+                workload.current().identity.not_after - now,
+            ));
+        }
+        for (domain, not_after) in self
+            .bundle_expiry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            out.push((format!("bundle:{domain}"), not_after - now));
+        }
+        out
+    }
+
+    /// Swaps in rotated certificates whose files changed.
+    pub fn rotate_certificates(&self) {
+        if let Some(cert) = &self.server_cert {
+            cert.rotate();
+        }
+        if let Some(workload) = &self.workload {
+            workload.rotate();
+        }
     }
 
     /// Reloads policies, schema, registry, routes and trust bundles, all or
@@ -132,23 +217,45 @@ impl App {
         let attempt = (|| {
             let config = Config::load(&self.config_path)?;
             let snapshot = Snapshot::load(&config, &self.config_path, current + 1)?;
-            let trust = tls::trust_store(&config).map_err(|e| {
+            let error = |field: &str, e: anyhow::Error| {
                 ConfigErrors(vec![tether_config::ConfigError {
                     file: self.config_path.clone(),
                     position: None,
-                    field: "trust_domains".into(),
+                    field: field.into(),
                     message: format!("{e:#}"),
                 }])
-            })?;
-            Ok((config, snapshot, trust))
+            };
+            let trust = tls::trust_store(&config).map_err(|e| error("trust_domains", e))?;
+            // JWKS files of the running issuers (issuers themselves change
+            // at restart), all read before any is replaced.
+            let mut key_sets = Vec::new();
+            for (issuer, source) in self
+                .config
+                .tokens
+                .issuers
+                .iter()
+                .zip(self.key_sources.iter().cloned())
+            {
+                if let Some(file) = &issuer.jwks.file {
+                    key_sets.push((
+                        source,
+                        jwks::read_file(file).map_err(|e| error("tokens", e))?,
+                    ));
+                }
+            }
+            Ok((config, snapshot, trust, key_sets))
         })();
         match attempt {
-            Ok((config, snapshot, trust)) => {
+            Ok((config, snapshot, (trust, bundle_expiry), key_sets)) => {
                 *last = seen;
                 warn_restart_only(&self.config, &config);
-                // Bundles first: a new agent's SVID must verify by the time
-                // its registration is live.
+                // Keys and bundles first: a new agent's credentials must
+                // verify by the time its registration is live.
+                for (source, set) in key_sets {
+                    source.store(set);
+                }
                 self.verifier.replace(trust);
+                *self.bundle_expiry.lock().unwrap_or_else(|p| p.into_inner()) = bundle_expiry;
                 self.snapshot.store(Arc::new(snapshot));
                 let generation = current + 1;
                 self.metrics.config_generation.set(generation as i64);
@@ -172,7 +279,7 @@ impl App {
     }
 
     /// Polls the config and every file it names; reloads on change.
-    pub fn watch(self: &Arc<Self>) {
+    fn watch(self: &Arc<Self>) {
         if !self.config.reload.watch {
             return;
         }
@@ -182,6 +289,7 @@ impl App {
             .name("tether-reload".into())
             .spawn(move || loop {
                 std::thread::sleep(interval);
+                app.rotate_certificates();
                 let seen = *app
                     .reload_state
                     .lock()
@@ -205,7 +313,11 @@ fn warn_restart_only(running: &Config, new: &Config) {
         [
             ("listener", serde_json::to_value(&c.listener).ok()),
             ("admin", serde_json::to_value(&c.admin).ok()),
+            ("mode", serde_json::to_value(c.mode).ok()),
             ("upstream", serde_json::to_value(&c.upstream).ok()),
+            ("upstreams", serde_json::to_value(&c.upstreams).ok()),
+            ("tokens", serde_json::to_value(&c.tokens).ok()),
+            ("workload", serde_json::to_value(&c.workload).ok()),
             ("cache", serde_json::to_value(&c.cache).ok()),
             ("telemetry", serde_json::to_value(&c.telemetry).ok()),
             ("audit", serde_json::to_value(&c.audit).ok()),
@@ -257,6 +369,11 @@ fn fingerprint(config_path: &Path, config: &Config) -> u64 {
     }
     for td in &config.trust_domains {
         file(&td.bundle);
+    }
+    for issuer in &config.tokens.issuers {
+        if let Some(jwks) = &issuer.jwks.file {
+            file(jwks);
+        }
     }
     h.finish()
 }

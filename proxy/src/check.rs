@@ -22,13 +22,30 @@ pub fn run(config_path: &Path) -> anyhow::Result<bool> {
             config_path.display()
         )));
     }
-    for (field, path) in [("listener.tls.cert", &config.listener.tls.cert)] {
-        if let Err(e) = crate::tls::read_certs(path) {
-            return Ok(report(&format!(
-                "{}: {field}: {e:#}",
-                config_path.display()
-            )));
+    // The files a start would load: each pair must match, each key set
+    // must hold a usable key.
+    let pairs = [
+        (
+            "listener.tls",
+            config.listener.tls.as_ref().map(|t| (&t.cert, &t.key)),
+        ),
+        (
+            "workload",
+            config.workload.as_ref().map(|w| (&w.cert, &w.key)),
+        ),
+    ];
+    for (field, pair) in pairs {
+        if let Some((cert, key)) = pair {
+            if let Err(e) = crate::certs::load_pair(cert, key) {
+                return Ok(report(&format!(
+                    "{}: {field}: {e:#}",
+                    config_path.display()
+                )));
+            }
         }
+    }
+    if let Err(e) = crate::jwks::sources(&config.tokens) {
+        return Ok(report(&format!("{}: {e:#}", config_path.display())));
     }
     for w in tether_filters::lint::lint(&snapshot) {
         println!(
@@ -39,12 +56,13 @@ pub fn run(config_path: &Path) -> anyhow::Result<bool> {
         );
     }
     println!(
-        "{}: ok: {} agents, {} routes, {} policies, {} trust domains",
+        "{}: ok: {} agents, {} routes, {} policies, {} trust domains, {} token issuers",
         config_path.display(),
         snapshot.registry.len(),
         snapshot.routes.iter().count(),
         snapshot.policy.set.policies().count(),
-        config.trust_domains.len()
+        config.trust_domains.len(),
+        config.tokens.issuers.len()
     );
     Ok(true)
 }

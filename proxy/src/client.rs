@@ -72,6 +72,10 @@ impl Client {
             }
             None => builder.with_no_client_auth(),
         };
+        // Every connection a full handshake: a test sees the certificates
+        // the server presents now, not those of a resumed session.
+        let mut config = config;
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Client {
             connector: TlsConnector::from(Arc::new(config)),
             addr,
@@ -136,6 +140,29 @@ impl Client {
     }
 }
 
+/// One plain-HTTP request (as an agent speaks to an egress Tether on
+/// loopback), read whole.
+pub async fn send_plain(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Response> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("host: {addr}\r\n"));
+    }
+    for (n, v) in headers {
+        request.push_str(&format!("{n}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).await?;
+    parse_response(&raw)
+}
+
 /// A keep-alive connection: requests one after another, responses framed
 /// by `content-length`.
 pub struct Connection {
@@ -145,6 +172,12 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// The server's leaf certificate, DER, as presented in the handshake.
+    pub fn server_certificate(&self) -> Option<Vec<u8>> {
+        let certs = self.tls.get_ref().1.peer_certificates()?;
+        certs.first().map(|c| c.to_vec())
+    }
+
     /// Sends a request on this connection and reads its response.
     pub async fn send(&mut self, method: &str, path: &str) -> anyhow::Result<Response> {
         let request = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.host);

@@ -154,7 +154,9 @@ pub fn start_sandbox(
     let audit = dir.path().join("audit.log");
     let mut config = Config::from_yaml(EXAMPLE_CONFIG, Path::new("tether.yaml"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    config.upstream.address = upstream.to_string();
+    if let Some(u) = &mut config.upstream {
+        u.address = upstream.to_string();
+    }
     config.registry.file = None;
     config.registry.agents = demo_agents()?;
     config.telemetry.otlp = None;

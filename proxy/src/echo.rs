@@ -3,9 +3,12 @@
 //! see exactly what Tether forwarded.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use anyhow::Context as _;
+use tether_filters::identity::PeerIdentity;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 /// Starts the echo server on a free loopback port; it runs until the
 /// runtime stops.
@@ -14,7 +17,61 @@ pub async fn start() -> std::io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve(stream));
+            tokio::spawn(serve(stream, None));
+        }
+    });
+    Ok(addr)
+}
+
+/// Starts an echo server that requires mTLS: the client certificate must
+/// chain to `client_ca_pem`. Each response names the client's SPIFFE ID
+/// and certificate thumbprint (`client`), and closes the connection, so
+/// every request shows the certificate of a fresh handshake.
+pub async fn start_mtls(
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca_pem: &str,
+) -> anyhow::Result<SocketAddr> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut client_ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()?;
+    let chain = rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?.context("no key")?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let client = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|leaf| PeerIdentity::from_leaf_der(leaf).ok())
+                    .map(|peer| {
+                        serde_json::json!({
+                            "spiffe_id": peer.id.as_str(),
+                            "cert_sha256": peer.cert_sha256.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                        })
+                    });
+                serve(tls, Some(client.unwrap_or_default())).await;
+            });
         }
     });
     Ok(addr)
@@ -38,8 +95,13 @@ fn json_rpc(
     serde_json::json!({"jsonrpc": "2.0", "id": call["id"], "result": result})
 }
 
-/// Serves keep-alive requests on one connection until it closes.
-async fn serve(mut stream: TcpStream) {
+/// Serves keep-alive requests on one connection until it closes; with a
+/// `client` (an mTLS connection), one request, answered with who the
+/// client was.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    client: Option<serde_json::Value>,
+) {
     let mut buf = Vec::with_capacity(4096);
     loop {
         let head_end = loop {
@@ -86,15 +148,22 @@ async fn serve(mut stream: TcpStream) {
                 "method": method,
                 "target": target,
                 "headers": headers,
+                "client": client,
             }),
         }
         .to_string();
+        let close = if client.is_some() {
+            "connection: close\r\n"
+        } else {
+            ""
+        };
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{close}\r\n{body}",
             body.len()
         );
         buf.drain(..consumed);
-        if stream.write_all(response.as_bytes()).await.is_err() {
+        if stream.write_all(response.as_bytes()).await.is_err() || client.is_some() {
+            let _ = stream.shutdown().await;
             return;
         }
     }

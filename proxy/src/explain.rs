@@ -13,6 +13,7 @@ use serde::Deserialize;
 use tether_config::spiffe::SpiffeId;
 use tether_config::Config;
 use tether_filters::authorize::DecisionCache;
+use tether_filters::identity::jwt::TokenVerifier;
 use tether_filters::identity::PeerIdentity;
 use tether_filters::record::{AuditRecord, Metrics};
 use tether_filters::{Chain, Progress, Reason, RequestCtx, Snapshot};
@@ -90,7 +91,13 @@ impl Explainer {
         ));
         Ok(Explainer {
             snapshot: Arc::new(snapshot),
-            chain: crate::app::chain(cache, &metrics),
+            // Explained requests name their agent as an SVID would; tokens
+            // are not part of the question.
+            chain: crate::app::chain(
+                cache,
+                &metrics,
+                Arc::new(TokenVerifier::new(&Default::default(), Vec::new())),
+            ),
         })
     }
 
@@ -106,7 +113,11 @@ impl Explainer {
             ctx.started = SystemTime::from(t);
         }
         ctx.client_addr = q.source_ip;
-        ctx.peer = Some(Arc::new(PeerIdentity { id, not_after: 0 }));
+        ctx.peer = Some(Arc::new(PeerIdentity {
+            id,
+            not_after: 0,
+            cert_sha256: [0; 32],
+        }));
         let mut progress = self.chain.run(&mut req, &mut ctx);
         if let Ok(Progress::NeedsBody { resume_at, .. }) = progress {
             ctx.body = Some(q.body.clone().unwrap_or_default().into());

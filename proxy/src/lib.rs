@@ -3,12 +3,15 @@
 
 pub mod admin;
 pub mod app;
+pub mod certs;
 pub mod check;
 pub mod client;
 pub mod demo;
 pub mod echo;
 pub mod explain;
+pub mod jwks;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod upstreams;

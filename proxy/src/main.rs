@@ -68,6 +68,9 @@ enum Command {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // One crypto stack for every TLS client in the process (the OTLP HTTP
+    // exporter's reqwest among them): ring, as rustls uses everywhere else.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => tether::server::run(&config).map(|()| true),

@@ -14,16 +14,18 @@ use pingora_http::RequestHeader;
 use tether_filters::credentials::REQUEST_ID_HEADER;
 use tether_filters::mcp;
 use tether_filters::record::AuditRecord;
+use tether_filters::route::request_host;
 use tether_filters::{Denial, Progress, Reason, RequestCtx};
 
 use crate::app::App;
 use crate::telemetry::{RequestSpan, Telemetry};
 use crate::tls::peer_identity;
+use crate::upstreams::Upstreams;
 
 /// Tether's `ProxyHttp`.
 pub struct TetherProxy {
     app: Arc<App>,
-    upstream: HttpPeer,
+    upstreams: Upstreams,
 }
 
 /// Per-request state: the chain's context plus the span.
@@ -31,7 +33,12 @@ pub struct Ctx {
     req: RequestCtx,
     span: Option<RequestSpan>,
     tools_list: Option<ToolsList>,
+    /// The upstream chosen for an allowed request.
+    upstream: Option<usize>,
 }
+
+/// The longest a request waits for an issuer's keys to be refetched.
+const KEY_REFETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A `tools/list` response being filtered.
 enum ToolsList {
@@ -46,9 +53,24 @@ enum ToolsList {
 const MAX_TOOLS_LIST: usize = 4 * 1024 * 1024;
 
 impl TetherProxy {
-    /// A proxy forwarding to `upstream`.
-    pub fn new(app: Arc<App>, upstream: HttpPeer) -> TetherProxy {
-        TetherProxy { app, upstream }
+    /// A proxy forwarding to `upstreams`.
+    pub fn new(app: Arc<App>, upstreams: Upstreams) -> TetherProxy {
+        TetherProxy { app, upstreams }
+    }
+
+    /// Answers a refusal decided outside the chain (reading the body, no
+    /// upstream): recorded as if the stage `stage` made it.
+    async fn refuse_at(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        stage: &'static str,
+        denial: Denial,
+    ) -> Result<bool> {
+        ctx.req.denied_by = Some(stage);
+        ctx.req.denial = Some(denial.clone());
+        self.refuse(session, ctx, &denial).await?;
+        Ok(true)
     }
 
     async fn refuse(&self, session: &mut Session, ctx: &Ctx, denial: &Denial) -> Result<()> {
@@ -77,6 +99,7 @@ impl ProxyHttp for TetherProxy {
             req: RequestCtx::new(self.app.snapshot.load_full()),
             span: None,
             tools_list: None,
+            upstream: None,
         }
     }
 
@@ -86,40 +109,68 @@ impl ProxyHttp for TetherProxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        ctx.req.peer = peer_identity(session);
+        // Egress: the pod's own SVID is the identity of whatever the agent
+        // sends; ingress: the client's, from the handshake.
+        ctx.req.peer = match &self.app.workload {
+            Some(workload) => Some(workload.current().identity.clone()),
+            None => peer_identity(session),
+        };
         ctx.span = self
             .app
             .telemetry
             .start(session.req_header(), ctx.req.started);
         let mut progress = self.app.chain.run(session.req_header_mut(), &mut ctx.req);
         loop {
-            match progress {
-                Ok(Progress::Done) => return Ok(false),
+            let resume_at = match progress {
+                Ok(Progress::Done) => break,
                 Ok(Progress::NeedsBody { resume_at, limit }) => {
                     match read_body(session, limit).await {
                         Ok(body) => ctx.req.body = Some(body),
                         Err(denial) => {
-                            ctx.req.denied_by = Some(self.app.chain.name_at(resume_at));
-                            ctx.req.denial = Some(denial.clone());
-                            self.refuse(session, ctx, &denial).await?;
-                            return Ok(true);
+                            let stage = self.app.chain.name_at(resume_at);
+                            return self.refuse_at(session, ctx, stage, denial).await;
                         }
                     }
-                    progress =
-                        self.app
-                            .chain
-                            .run_from(resume_at, session.req_header_mut(), &mut ctx.req);
+                    resume_at
+                }
+                Ok(Progress::NeedsKeys { resume_at, source }) => {
+                    // Once per request: a kid still unknown after this is
+                    // refused by the identity stage.
+                    ctx.req.keys_refetched = true;
+                    log::debug!(
+                        "unknown key id: waiting for {} to be fetched",
+                        source.origin
+                    );
+                    source.refetch(KEY_REFETCH_WAIT).await;
+                    resume_at
                 }
                 Err(denial) => {
                     self.refuse(session, ctx, &denial).await?;
                     return Ok(true);
                 }
-            }
+            };
+            progress = self
+                .app
+                .chain
+                .run_from(resume_at, session.req_header_mut(), &mut ctx.req);
         }
+        let host = request_host(session.req_header());
+        ctx.upstream = self.upstreams.select(host.as_deref(), &ctx.req.path);
+        if ctx.upstream.is_none() {
+            let denial = Denial::new(
+                Reason::NoRoute,
+                format!("no upstream for host {host:?} and path `{}`", ctx.req.path),
+            );
+            return self.refuse_at(session, ctx, "upstream", denial).await;
+        }
+        Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(self.upstream.clone()))
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.upstream
+            .and_then(|i| self.upstreams.peer(i, self.app.workload.as_deref()))
+            .map(Box::new)
+            .ok_or_else(|| Error::explain(pingora::ErrorType::InternalError, "no upstream chosen"))
     }
 
     async fn upstream_request_filter(

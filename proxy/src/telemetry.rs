@@ -190,22 +190,26 @@ fn attributes(r: &AuditRecord<'_>) -> Vec<KeyValue> {
     text("tether.identity_kind", r.identity_kind);
     text("tether.owner", r.owner);
     text("tether.team", r.team);
+    // The person the agents act for answers for the action too.
+    text("enduser.id", r.on_behalf_of);
     text("tether.stage", r.stage);
     text("tether.action", r.action.as_deref());
     text("tether.resource", r.resource.as_deref());
     text("mcp.method.name", r.mcp_method);
     text("gen_ai.tool.name", r.tool);
-    if !r.policies.is_empty() {
+    if let Some(chain) = &r.delegation_chain {
         a.push(KeyValue::new(
-            "tether.policies",
-            opentelemetry::Value::Array(
-                r.policies
-                    .iter()
-                    .map(|p| p.clone().into())
-                    .collect::<Vec<opentelemetry::StringValue>>()
-                    .into(),
-            ),
+            "tether.delegation.chain",
+            string_array(chain),
         ));
+        // The chain starts with the subject; the depth counts agents.
+        a.push(KeyValue::new(
+            "tether.delegation.depth",
+            chain.len() as i64 - 1,
+        ));
+    }
+    if !r.policies.is_empty() {
+        a.push(KeyValue::new("tether.policies", string_array(r.policies)));
     }
     if let Some(shadow) = &r.shadow {
         a.push(KeyValue::new("tether.shadow.decision", shadow.decision));
@@ -214,6 +218,16 @@ fn attributes(r: &AuditRecord<'_>) -> Vec<KeyValue> {
         a.push(KeyValue::new("tether.cached", cached));
     }
     a
+}
+
+fn string_array<S: AsRef<str>>(items: &[S]) -> opentelemetry::Value {
+    opentelemetry::Value::Array(
+        items
+            .iter()
+            .map(|s| s.as_ref().to_string().into())
+            .collect::<Vec<opentelemetry::StringValue>>()
+            .into(),
+    )
 }
 
 /// Counts spans lost to failed exports.

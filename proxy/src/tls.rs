@@ -15,16 +15,29 @@ use tether_config::Config;
 use tether_filters::identity::tls::{SpiffeClientVerifier, TrustStore};
 use tether_filters::identity::PeerIdentity;
 
-/// Reads every trust bundle in the config.
-pub fn trust_store(config: &Config) -> anyhow::Result<TrustStore> {
+use crate::certs::ServerCert;
+
+/// Reads every trust bundle in the config; also returns each trust
+/// domain's earliest CA expiry (Unix seconds), for the expiry metric.
+pub fn trust_store(config: &Config) -> anyhow::Result<(TrustStore, Vec<(String, i64)>)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut bundles = Vec::new();
+    let mut expiry = Vec::new();
     for td in &config.trust_domains {
         let certs =
             read_certs(&td.bundle).with_context(|| format!("trust domain `{}`", td.name))?;
+        let first_to_expire = certs
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .min();
+        if let Some(not_after) = first_to_expire {
+            expiry.push((td.name.clone(), not_after));
+        }
         bundles.push((td.name.clone(), certs));
     }
-    TrustStore::new(bundles, &provider).map_err(anyhow::Error::msg)
+    let store = TrustStore::new(bundles, &provider).map_err(anyhow::Error::msg)?;
+    Ok((store, expiry))
 }
 
 /// Every certificate in a PEM file.
@@ -39,21 +52,15 @@ pub fn read_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'
     Ok(certs)
 }
 
-/// The listener's TLS settings: the server certificate and mandatory SPIFFE
-/// client authentication by `verifier`.
+/// The listener's TLS settings: the (rotating) server certificate and
+/// SPIFFE client authentication by `verifier`.
 pub fn listener_settings(
-    config: &Config,
+    server_cert: Arc<ServerCert>,
     verifier: Arc<SpiffeClientVerifier>,
 ) -> anyhow::Result<TlsSettings> {
     let mut settings = TlsSettings::with_callbacks(Box::new(PeerIdentityCallback))
         .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
-    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
-    settings
-        .set_certificate_chain_file(&path(&config.listener.tls.cert))
-        .map_err(|e| anyhow::anyhow!("listener.tls.cert: {e}"))?;
-    settings
-        .set_private_key_file(&path(&config.listener.tls.key))
-        .map_err(|e| anyhow::anyhow!("listener.tls.key: {e}"))?;
+    settings.set_cert_resolver(server_cert);
     settings.set_client_cert_verifier(verifier);
     Ok(settings)
 }

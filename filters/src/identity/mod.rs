@@ -1,39 +1,141 @@
 //! Who is calling: a verified workload identity, never a header the caller
-//! wrote. Today that is a SPIFFE X.509-SVID on the mTLS connection; the TLS
-//! layer verifies the chain ([`tls::SpiffeClientVerifier`]) and the
-//! handshake hands the parsed [`PeerIdentity`] to every request on the
-//! connection.
+//! wrote. Two kinds of proof, alone or together:
+//! - an X.509-SVID: the client's, verified by the TLS layer
+//!   ([`tls::SpiffeClientVerifier`]) and handed to every request on the
+//!   connection (ingress), or the pod's own SVID (egress);
+//! - a bearer token ([`jwt`]): a JWT-SVID, a Kubernetes service-account
+//!   token, or an OIDC / token-exchange token that may delegate.
+//!
+//! With both, the token must belong to the certificate's workload
+//! (`token_not_bound`): a stolen token is useless on another connection.
 
+pub mod jwks;
+pub mod jwt;
+pub mod mint;
 pub mod pki;
 pub mod svid;
 pub mod tls;
+
+use std::sync::Arc;
+use std::time::{Instant, UNIX_EPOCH};
 
 use pingora_http::RequestHeader;
 
 pub use svid::{PeerIdentity, SvidError};
 
+use self::jwks::KeySource;
+use self::jwt::{TokenVerifier, VerifiedToken};
 use crate::{Denial, Filter, IdentityKind, Principal, Reason, RequestCtx};
 
-/// Turns the connection's verified SVID into the request's principal.
-pub struct Identity;
+/// Turns the verified SVID and bearer token into the request's principal.
+pub struct Identity {
+    tokens: Arc<TokenVerifier>,
+}
+
+impl Identity {
+    /// Identity from SVIDs and from the tokens `tokens` verifies.
+    pub fn new(tokens: Arc<TokenVerifier>) -> Identity {
+        Identity { tokens }
+    }
+
+    /// The bearer token, if the request carries one for Tether. Without
+    /// configured issuers, `Authorization` belongs to the upstream.
+    fn bearer<'a>(&self, req: &'a RequestHeader) -> Result<Option<&'a str>, Denial> {
+        if self.tokens.is_empty() {
+            return Ok(None);
+        }
+        let mut values = req.headers.get_all(http::header::AUTHORIZATION).iter();
+        let Some(value) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(Denial::new(
+                Reason::TokenMalformed,
+                "more than one `authorization` header",
+            ));
+        }
+        let value = value
+            .to_str()
+            .map_err(|_| Denial::new(Reason::TokenMalformed, "`authorization` is not ASCII"))?;
+        match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                Ok(Some(token.trim()))
+            }
+            _ => Ok(None),
+        }
+    }
+}
 
 impl Filter for Identity {
     fn name(&self) -> &'static str {
         "identity"
     }
 
-    fn apply(&self, _req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
-        let Some(peer) = &ctx.peer else {
-            return Err(Denial::new(
-                Reason::NoIdentity,
-                "no client certificate on the connection",
-            ));
+    fn keys_to_refetch(&self, req: &RequestHeader, _ctx: &RequestCtx) -> Option<Arc<KeySource>> {
+        let token = self.bearer(req).ok()??;
+        self.tokens.refetch_for(token, Instant::now())
+    }
+
+    fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
+        let token = match self.bearer(req)? {
+            None => None,
+            Some(token) => {
+                let now = ctx
+                    .started
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                Some(self.tokens.verify(token, now, Instant::now())?)
+            }
         };
-        ctx.principal = Some(Principal {
-            id: peer.id.clone(),
-            kind: IdentityKind::X509Svid,
+        ctx.principal = Some(match (token, &ctx.peer) {
+            (None, None) => {
+                return Err(Denial::new(
+                    Reason::NoIdentity,
+                    "no client certificate and no bearer token",
+                ))
+            }
+            (None, Some(peer)) => Principal {
+                id: peer.id.clone(),
+                kind: IdentityKind::X509Svid,
+                delegation: None,
+            },
+            (Some(token), peer) => {
+                if let Some(peer) = peer {
+                    bind(&token, peer)?;
+                }
+                // The token was for Tether (its audience), not the API: it
+                // goes no further, so the upstream cannot replay it.
+                req.remove_header(&http::header::AUTHORIZATION);
+                Principal {
+                    id: token.agent,
+                    kind: IdentityKind::Token(token.kind),
+                    delegation: token.delegation,
+                }
+            }
         });
         Ok(())
+    }
+}
+
+/// A token presented with an SVID must be that workload's (RFC 8705 when
+/// the token says which certificate it is bound to; else its acting agent
+/// must be the SVID's SPIFFE ID).
+fn bind(token: &VerifiedToken, peer: &PeerIdentity) -> Result<(), Denial> {
+    let bound = match &token.cnf_x5t_s256 {
+        // A certificate's hash is public: plain comparison is fine.
+        Some(thumbprint) => thumbprint[..] == peer.cert_sha256[..],
+        None => token.agent == peer.id,
+    };
+    if bound {
+        Ok(())
+    } else {
+        Err(Denial::new(
+            Reason::TokenNotBound,
+            format!(
+                "token of `{}` on the certificate of `{}`",
+                token.agent, peer.id
+            ),
+        ))
     }
 }
 
@@ -48,7 +150,7 @@ mod tests {
     fn a_verified_peer_becomes_the_principal() {
         let mut ctx = testing::ctx();
         ctx.peer = Some(Arc::new(testing::peer("spiffe://example.org/agents/a")));
-        Identity
+        testing::identity()
             .apply(&mut testing::get("/"), &mut ctx)
             .expect("passes");
         let p = ctx.principal.expect("principal");
@@ -58,7 +160,7 @@ mod tests {
 
     #[test]
     fn no_peer_is_no_identity() {
-        let denial = Identity
+        let denial = testing::identity()
             .apply(&mut testing::get("/"), &mut testing::ctx())
             .expect_err("denied");
         assert_eq!(denial.reason, Reason::NoIdentity);

@@ -13,6 +13,9 @@ pub struct PeerIdentity {
     pub id: SpiffeId,
     /// When the leaf expires, in Unix seconds.
     pub not_after: i64,
+    /// SHA-256 of the leaf's DER: what an RFC 8705 `cnf` `x5t#S256`
+    /// binds a token to.
+    pub cert_sha256: [u8; 32],
 }
 
 /// Why a certificate is not an acceptable X.509-SVID.
@@ -84,9 +87,12 @@ impl PeerIdentity {
             many => return Err(SvidError::ManyUris(many.len())),
         };
         let id = SpiffeId::parse(uri).map_err(SvidError::NotSpiffe)?;
+        let mut cert_sha256 = [0; 32];
+        cert_sha256.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
         Ok(PeerIdentity {
             id,
             not_after: cert.validity().not_after.timestamp(),
+            cert_sha256,
         })
     }
 }

@@ -1,0 +1,225 @@
+//! Certificates that rotate: the listener's server certificate and the
+//! pod's own X.509-SVID (egress). SVIDs live about an hour under SPIRE, so
+//! both are re-read when their files change and swapped in whole: a
+//! handshake uses the old pair or the new one, never a mix and never none.
+//! A half-written rotation (a new certificate with the old key) does not
+//! load, and the old pair keeps serving until the files agree.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use pingora::utils::tls::CertKey;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tether_filters::identity::PeerIdentity;
+
+/// A certificate chain and key read from PEM files, checked to belong
+/// together.
+pub struct LoadedPair {
+    /// The chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The leaf's expiry, Unix seconds.
+    pub not_after: i64,
+    certified: Arc<CertifiedKey>,
+}
+
+/// A pair of PEM files and the fingerprint of what was last loaded.
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    /// The contents last tried, loaded or not: a bad pair is reported
+    /// once, not every poll.
+    seen: Mutex<u64>,
+}
+
+impl Files {
+    fn new(cert: &Path, key: &Path) -> Files {
+        let files = Files {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            seen: Mutex::new(0),
+        };
+        *files.seen.lock().unwrap_or_else(|p| p.into_inner()) = files.fingerprint();
+        files
+    }
+
+    fn fingerprint(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        std::fs::read(&self.cert).ok().hash(&mut h);
+        std::fs::read(&self.key).ok().hash(&mut h);
+        h.finish()
+    }
+
+    /// The new pair, if the files changed since last looked at and now
+    /// hold a valid pair.
+    fn changed(&self, what: &str) -> Option<LoadedPair> {
+        let now = self.fingerprint();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == now {
+            return None;
+        }
+        *seen = now;
+        match load_pair(&self.cert, &self.key) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::warn!("{what}: the changed files do not load yet, the current certificate stays: {e:#}");
+                None
+            }
+        }
+    }
+}
+
+/// Reads a PEM chain and key and checks that the key is the leaf's.
+pub fn load_pair(cert: &Path, key: &Path) -> anyhow::Result<LoadedPair> {
+    let chain = crate::tls::read_certs(cert)?;
+    for c in &chain {
+        // pingora's own parser panics on bad DER: refuse it here first.
+        x509_parser::parse_x509_certificate(c)
+            .map_err(|e| anyhow::anyhow!("`{}`: bad certificate: {e}", cert.display()))?;
+    }
+    let pem = std::fs::read(key).with_context(|| format!("reading `{}`", key.display()))?;
+    let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
+        .with_context(|| format!("parsing PEM in `{}`", key.display()))?
+        .with_context(|| format!("`{}` holds no private key", key.display()))?;
+    let provider = provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key_der.clone_key())
+        .with_context(|| format!("`{}`: unsupported private key", key.display()))?;
+    let certified = CertifiedKey::new(chain.clone(), signing);
+    certified.keys_match().with_context(|| {
+        format!(
+            "`{}` is not the key of the certificate in `{}`",
+            key.display(),
+            cert.display()
+        )
+    })?;
+    let not_after = x509_parser::parse_x509_certificate(&chain[0])
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .map_err(|e| anyhow::anyhow!("`{}`: {e}", cert.display()))?;
+    Ok(LoadedPair {
+        chain,
+        key: key_der,
+        not_after,
+        certified: Arc::new(certified),
+    })
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The listener's certificate: rustls asks for it at every handshake.
+pub struct ServerCert {
+    files: Files,
+    current: ArcSwap<LoadedPair>,
+}
+
+impl std::fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCert")
+            .field("cert", &self.files.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCert {
+    /// Loads the pair; an invalid pair fails the start.
+    pub fn load(cert: &Path, key: &Path) -> anyhow::Result<ServerCert> {
+        Ok(ServerCert {
+            current: ArcSwap::from_pointee(load_pair(cert, key)?),
+            files: Files::new(cert, key),
+        })
+    }
+
+    /// Swaps in the files' new pair, if they changed and hold a valid one.
+    pub fn rotate(&self) {
+        if let Some(pair) = self.files.changed("listener.tls") {
+            log::info!(
+                "listener certificate rotated; it expires at {}",
+                pair.not_after
+            );
+            self.current.store(Arc::new(pair));
+        }
+    }
+
+    /// When the current certificate expires, Unix seconds.
+    pub fn not_after(&self) -> i64 {
+        self.current.load().not_after
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().certified.clone())
+    }
+}
+
+/// The pod's own SVID: the principal of egress requests, and the client
+/// certificate of upstream mTLS.
+pub struct WorkloadSvid {
+    files: Files,
+    current: ArcSwap<Workload>,
+}
+
+/// One version of the workload SVID.
+pub struct Workload {
+    /// Its SPIFFE ID and thumbprint.
+    pub identity: Arc<PeerIdentity>,
+    /// The certificate and key for pingora's upstream TLS.
+    pub cert_key: Arc<CertKey>,
+}
+
+impl WorkloadSvid {
+    /// Loads the SVID; it must be a valid X.509-SVID with its key.
+    pub fn load(cert: &Path, key: &Path) -> anyhow::Result<WorkloadSvid> {
+        Ok(WorkloadSvid {
+            current: ArcSwap::from_pointee(workload(load_pair(cert, key)?)?),
+            files: Files::new(cert, key),
+        })
+    }
+
+    /// The current version.
+    pub fn current(&self) -> Arc<Workload> {
+        self.current.load_full()
+    }
+
+    /// Swaps in the files' new SVID, if they changed and hold a valid one.
+    pub fn rotate(&self) {
+        let Some(pair) = self.files.changed("workload") else {
+            return;
+        };
+        match workload(pair) {
+            Ok(w) => {
+                log::info!(
+                    "workload SVID `{}` rotated; it expires at {}",
+                    w.identity.id,
+                    w.identity.not_after
+                );
+                self.current.store(Arc::new(w));
+            }
+            Err(e) => log::warn!("workload: the new certificate is refused: {e:#}"),
+        }
+    }
+}
+
+fn workload(pair: LoadedPair) -> anyhow::Result<Workload> {
+    let identity = PeerIdentity::from_leaf_der(&pair.chain[0])
+        .map_err(|e| anyhow::anyhow!("workload.cert is not an X.509-SVID: {e}"))?;
+    let cert_key = CertKey::new(
+        pair.chain.iter().map(|c| c.to_vec()).collect(),
+        pair.key.secret_der().to_vec(),
+    );
+    Ok(Workload {
+        identity: Arc::new(identity),
+        cert_key: Arc::new(cert_key),
+    })
+}
