@@ -12,10 +12,15 @@ use std::time::{Duration, Instant};
 
 use support::{World, TRIAGE};
 use tether::client::{send_plain, Response};
-use tether_config::{Config, Mode, OneOrMany, Route, Upstream, UpstreamTls, Workload};
+use tether_config::{
+    Config, JwksSource, JwtAlgorithm, Mode, OneOrMany, Route, TokenIssuer, TokenKind, Upstream,
+    UpstreamTls, Workload,
+};
+use tether_filters::identity::mint::Minter;
 use tether_filters::identity::pki::Pki;
 
 const GITHUB: &str = "api.github.test";
+const ISSUER: &str = "https://login.example.org";
 
 /// The pod's side: its SVID files, the CA that issued them, and an mTLS
 /// upstream that trusts that CA.
@@ -23,6 +28,8 @@ struct Pod {
     pki: Pki,
     dir: tempfile::TempDir,
     mtls_upstream: SocketAddr,
+    /// Signs the delegation tokens agents pass along.
+    issuer: Minter,
     /// Serves the mTLS upstream.
     _rt: tokio::runtime::Runtime,
 }
@@ -83,17 +90,37 @@ fn egress() -> (World, Pod, String) {
         pki,
         dir,
         mtls_upstream,
+        issuer: Minter::es256("k1").expect("key"),
         _rt: rt,
     };
     let first = pod.issue_svid(TRIAGE, Duration::ZERO);
     let ca = pod.dir.path().join("ca.pem");
     std::fs::write(&ca, pod.pki.ca_pem()).expect("ca");
+    let jwks = pod.dir.path().join("jwks.json");
+    std::fs::write(&jwks, Minter::jwks(&[&pod.issuer])).expect("jwks");
     let (cert, key, mtls) = (pod.cert(), pod.key(), pod.mtls_upstream);
     let w = World::with(move |c: &mut Config| {
         c.mode = Mode::Egress;
         c.listener.tls = None;
         c.workload = Some(Workload { cert, key });
         c.reload.poll_interval_ms = 100;
+        c.tokens.issuers = vec![TokenIssuer {
+            kind: TokenKind::Oidc,
+            issuer: ISSUER.into(),
+            audiences: vec!["tether".into()],
+            jwks: JwksSource {
+                file: Some(jwks),
+                url: None,
+                ca: None,
+                refresh_seconds: 300,
+                max_age_seconds: 3600,
+                min_refetch_interval_ms: 1000,
+            },
+            algorithms: vec![JwtAlgorithm::ES256],
+            agent_claim: "sub".into(),
+            trust_domain: None,
+            agent_prefix: None,
+        }];
         let plain = c.upstream.take().expect("example upstream");
         c.upstreams = vec![
             Upstream {
@@ -234,4 +261,40 @@ fn the_svid_rotates_under_traffic_with_zero_failed_requests() {
     for worker in &results {
         assert_eq!(worker.last().map(|(_, p)| p.as_str()), Some(new.as_str()));
     }
+}
+
+#[test]
+fn a_delegation_token_refines_the_pod_identity() {
+    let (w, pod, _) = egress();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let token = |actor: &str| {
+        let claims = serde_json::json!({
+            "iss": ISSUER, "aud": "tether", "sub": "alice@example.org",
+            "act": {"sub": actor}, "iat": now, "exp": now + 300,
+        });
+        format!("Bearer {}", pod.issuer.token(&claims))
+    };
+    let send = |auth: &str| {
+        w.rt.block_on(send_plain(
+            w.sandbox.proxy,
+            "GET",
+            "/v1/repos/tether/issues",
+            &[("host", GITHUB), ("authorization", auth)],
+        ))
+        .expect("response")
+    };
+    // The agent acts for Alice: the pod's SVID is still the principal.
+    let r = send(&token(TRIAGE));
+    assert_eq!(r.status, 200, "{r:?}");
+    let line = w.sandbox.audit_lines(1).pop().expect("line");
+    assert_eq!(line["agent"], TRIAGE);
+    assert_eq!(line["on_behalf_of"], "alice@example.org");
+    assert_eq!(line["identity_kind"], "oidc");
+    // A token for another agent cannot ride on this pod's SVID.
+    let r = send(&token("spiffe://example.org/agents/other"));
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.json().expect("json")["reason"], "token_not_bound");
 }

@@ -152,6 +152,37 @@ fn the_example_config_loads_with_its_registry_schema_and_policies() {
 }
 
 #[test]
+fn the_egress_example_loads_with_a_pod_svid() {
+    let dir = tempfile::tempdir().expect("dir");
+    copy_dir(&repo().join("deploy/examples"), dir.path());
+    let pki = Pki::new("example.org").expect("pki");
+    let svid = pki
+        .leaf(&["spiffe://example.org/agents/issue-triage"])
+        .expect("svid");
+    let certs = dir.path().join("certs");
+    std::fs::write(certs.join("svid.pem"), &svid.cert_pem).expect("write");
+    std::fs::write(certs.join("svid-key.pem"), &svid.key_pem).expect("write");
+    std::fs::write(certs.join("example.org.bundle.pem"), pki.ca_pem()).expect("write");
+    let out = Command::new(TETHER)
+        .args(["check", "--config"])
+        .arg(dir.path().join("egress.yaml"))
+        .output()
+        .expect("tether runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("1 token issuers"), "{stdout}");
+    // The example's policies with the pod's SVID as the principal.
+    let config = Config::load(&dir.path().join("egress.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.mode, tether_config::Mode::Egress);
+    assert_eq!(config.upstreams.len(), 2);
+}
+
+#[test]
 fn the_committed_json_schema_matches_the_config_types() {
     let committed = std::fs::read_to_string(repo().join("deploy/config.schema.json"))
         .expect("deploy/config.schema.json");
