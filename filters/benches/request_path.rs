@@ -9,14 +9,16 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use pingora_http::RequestHeader;
 use tether_config::Config;
 use tether_filters::authorize::{evaluate, Authorize, DecisionCache, DecisionInput, PolicySource};
 use tether_filters::credentials::Credentials;
+use tether_filters::identity::jwks::{KeySet, KeySource};
 use tether_filters::identity::jwt::TokenVerifier;
+use tether_filters::identity::mint::Minter;
 use tether_filters::identity::pki::Pki;
 use tether_filters::identity::{Identity, PeerIdentity};
 use tether_filters::lifecycle::Lifecycle;
@@ -313,9 +315,41 @@ fn svid_spiffe_id_extraction(c: &mut Criterion) {
     });
 }
 
-// JWT-SVID verification: reserved for the JWT work of issue 5, to be added
-// by its author. Write it as a function like the ones above and list it in
-// `criterion_group!` below, where the marker is.
+/// `TokenVerifier::verify` of a JWT-SVID (ES256, key from a JWK set): what
+/// the identity stage does per request that carries a bearer token.
+fn jwt_svid_verification(c: &mut Criterion) {
+    let key = Minter::es256("k1").expect("key");
+    let set = KeySet::parse(Minter::jwks(&[&key]).as_bytes()).expect("key set");
+    let tokens: tether_config::Tokens = serde_norway::from_str(
+        r#"
+issuers:
+  - kind: jwt_svid
+    issuer: https://spire.example.org
+    audiences: [tether]
+    jwks: {file: jwks.json}
+    algorithms: [ES256]
+    trust_domain: example.org
+"#,
+    )
+    .expect("tokens config");
+    let verifier = TokenVerifier::new(&tokens, vec![Arc::new(KeySource::file("bench", set))]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let token = key.token(&serde_json::json!({
+        "iss": "https://spire.example.org", "aud": "tether", "sub": agent_id(0),
+        "iat": now, "exp": now + 3600,
+    }));
+    let verified = verifier
+        .verify(&token, now, Instant::now())
+        .expect("a valid token");
+    assert_eq!(verified.agent.as_str(), agent_id(0));
+
+    c.bench_function("jwt/verify_es256_jwt_svid", |b| {
+        b.iter(|| verifier.verify(black_box(&token), now, Instant::now()))
+    });
+}
 
 criterion_group!(
     benches,
@@ -323,6 +357,6 @@ criterion_group!(
     decision_cache_hit,
     cedar_evaluation_by_policy_count,
     svid_spiffe_id_extraction,
-    // JWT-SVID verification goes here.
+    jwt_svid_verification,
 );
 criterion_main!(benches);

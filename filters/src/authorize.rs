@@ -31,6 +31,9 @@ use pingora_http::RequestHeader;
 use prometheus::IntCounter;
 use tether_config::ConfigError;
 
+mod slices;
+
+use self::slices::Slices;
 use crate::lifecycle::Registry;
 use crate::route::CompiledRoute;
 use crate::{Denial, Filter, IdentityKind, Reason, RequestCtx, Snapshot};
@@ -70,6 +73,10 @@ pub struct PolicyEngine {
     pub entities: Entities,
     /// Policies evaluated beside `set` and recorded, never enforced.
     pub shadow: Option<PolicySet>,
+    /// `set`, sliced per principal and action for evaluation.
+    slices: Slices,
+    /// `shadow`, sliced the same way.
+    shadow_slices: Option<Slices>,
     authorizer: Authorizer,
 }
 
@@ -216,6 +223,8 @@ impl PolicyEngine {
             )
         })?;
         Ok(PolicyEngine {
+            slices: Slices::new(&set, &schema),
+            shadow_slices: shadow.as_ref().map(|s| Slices::new(s, &schema)),
             schema,
             set,
             entities,
@@ -410,13 +419,13 @@ pub fn evaluate(snapshot: &Snapshot, input: &DecisionInput) -> Decision {
             errors,
         )
     };
-    let (allowed, policies, errors) = authorize(&engine.set);
+    let (allowed, policies, errors) = authorize(&engine.slices.get(&agent.uid, &input.action));
     Decision {
         allowed,
         policies,
         errors,
-        shadow: engine.shadow.as_ref().map(|set| {
-            let (allowed, policies, _) = authorize(set);
+        shadow: engine.shadow_slices.as_ref().map(|slices| {
+            let (allowed, policies, _) = authorize(&slices.get(&agent.uid, &input.action));
             ShadowDecision { allowed, policies }
         }),
     }
