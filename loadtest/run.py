@@ -22,6 +22,7 @@ Standard library only (Python 3.9+).
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import glob
 import http.client
@@ -81,12 +82,11 @@ TARGETS = [
      "path": CACHED_PATH},
     {"name": "tether-uncached", "label": "Tether, every decision uncached", "kind": "tether", "tls": True,
      "path": UNCACHED_PATH_REGEX, "rand_regex": True},
-    # JWT mode (to come). When Tether verifies bearer JWTs, add a target here:
-    #   {"name": "tether-jwt", "label": "Tether, JWT-SVID", "kind": "tether", "tls": True,
-    #    "path": CACHED_PATH, "jwt": True},
-    # `write_tether_config` fills the config's $JWT_SECTION from `jwt_section()`
-    # and `jwt_headers()` gives the `authorization: Bearer ...` header that the
-    # load generator sends (oha -H). Both are stubs below; nothing else changes.
+    # mTLS plus a JWT-SVID of the same agent in `authorization: Bearer`:
+    # every request's token is verified (RS256, RFC 8725 checks) and bound
+    # to the client certificate, on top of everything the cached run does.
+    {"name": "tether-jwt", "label": "Tether, mTLS + bound JWT-SVID", "kind": "tether", "tls": True,
+     "path": CACHED_PATH, "jwt": True},
 ]
 
 # Load shapes. "closed": fixed concurrency, keep-alive, for a fixed duration.
@@ -211,9 +211,9 @@ def wait_port(port: int, proc: subprocess.Popen | None, what: str, timeout: floa
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s")
 
 
-def _get(conn: http.client.HTTPConnection, path: str) -> tuple[int, bytes]:
+def _get(conn: http.client.HTTPConnection, path: str, headers: dict | None = None) -> tuple[int, bytes]:
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         r = conn.getresponse()
         return r.status, r.read()
     finally:
@@ -241,11 +241,12 @@ def wait_http_ok(port: int, path: str, proc, what: str, timeout: float = 20.0) -
     raise RuntimeError(f"{what}: http://127.0.0.1:{port}{path} not 200 within {timeout}s (last: {last})")
 
 
-def mtls_get(port: int, path: str, certs: Path, client_cert: bool = True) -> tuple[int, bytes]:
+def mtls_get(port: int, path: str, certs: Path, client_cert: bool = True,
+             headers: dict | None = None) -> tuple[int, bytes]:
     ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     if client_cert:
         ctx.load_cert_chain(str(certs / "agent.pem"), str(certs / "agent-key.pem"))
-    return _get(http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=3.0), path)
+    return _get(http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=3.0), path, headers)
 
 
 def fill(template: str, out: Path, **values) -> Path:
@@ -542,14 +543,43 @@ class Env:
         log(f"rotel collector (blackhole exporter) on 127.0.0.1:{self.otlp_grpc} (pid {self.rotel.pid})")
 
 
+JWT_ISSUER = "https://loadtest.example.org"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_jwt(d: Path) -> None:
+    """An RSA issuer key, its JWK set and one RS256 JWT-SVID for the agent,
+    valid for an hour (the whole run), signed with the openssl CLI."""
+    key = d / "jwt-key.pem"
+    run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key])
+    modulus = run(["openssl", "rsa", "-in", key, "-noout", "-modulus"]).stdout.strip().split("=", 1)[1]
+    jwk = {"kty": "RSA", "use": "sig", "alg": "RS256", "kid": "loadtest",
+           "n": b64url(bytes.fromhex(modulus)), "e": b64url((65537).to_bytes(3, "big"))}
+    (d / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    now = int(time.time())
+    header = b64url(json.dumps({"alg": "RS256", "kid": "loadtest", "typ": "JWT"}).encode())
+    claims = b64url(json.dumps({"iss": JWT_ISSUER, "aud": "tether", "sub": SPIFFE_ID,
+                                "iat": now, "exp": now + 3600}).encode())
+    signing_input = f"{header}.{claims}"
+    (d / "jwt-input").write_text(signing_input)
+    signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(key), "-binary",
+                                str(d / "jwt-input")], check=True, stdout=subprocess.PIPE).stdout
+    (d / "jwt.txt").write_text(f"{signing_input}.{b64url(signature)}")
+
+
 def jwt_section() -> str:
-    """The Tether config's JWT section, for the JWT mode to come."""
-    return "# jwt: (JWT mode to come; see TARGETS in loadtest/run.py)"
+    """The Tether config's token issuer for the JWT target."""
+    return (f"tokens:\n  issuers:\n    - kind: jwt_svid\n      issuer: {JWT_ISSUER}\n"
+            f"      audiences: [tether]\n      jwks: {{file: {WORK / 'certs' / 'jwks.json'}}}\n"
+            f"      algorithms: [RS256]\n      trust_domain: example.org\n")
 
 
 def jwt_headers() -> list[str]:
-    """Headers the load generator sends in JWT mode (to come)."""
-    raise NotImplementedError("JWT mode is not implemented in Tether yet")
+    """The bearer token the load generator sends for the JWT target."""
+    return [f"authorization: Bearer {(WORK / 'certs' / 'jwt.txt').read_text().strip()}"]
 
 
 def write_tether_config(env: Env, d: Path, port: int, admin: int, audit: Path, jwt: bool = False) -> Path:
@@ -623,6 +653,16 @@ class Target:
             status, body = mtls_get(self.port, path, self.env.certs)
             if status != 200:
                 raise RuntimeError(f"{self.spec['name']}: GET {path} with the agent's cert: {status} {body[:200]!r}")
+            if self.spec.get("jwt"):
+                # The token is verified, not just carried: a tampered one
+                # (its last signature character changed) is refused.
+                token = jwt_headers()[0].split("Bearer ", 1)[1]
+                for candidate, expected in ((token, 200), (token[:-1] + ("A" if token[-1] != "A" else "B"), 401)):
+                    status, body = mtls_get(self.port, path, self.env.certs,
+                                            headers={"authorization": f"Bearer {candidate}"})
+                    if status != expected:
+                        raise RuntimeError(f"{self.spec['name']}: token check: {status}, expected {expected}: "
+                                           f"{body[:200]!r}")
             try:
                 status, _ = mtls_get(self.port, path, self.env.certs, client_cert=False)
                 refused = f"answered {status} without a client certificate"
@@ -1352,6 +1392,7 @@ def main(argv=None) -> int:
         WORK.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(WORK / "runs", ignore_errors=True)
         meta["certs"] = make_certs(WORK / "certs")
+        make_jwt(WORK / "certs")
         env = Env(args, tools)
         env.start_upstream()
         env.start_rotel()

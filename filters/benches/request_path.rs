@@ -337,16 +337,32 @@ issuers:
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs() as i64;
-    let token = key.token(&serde_json::json!({
-        "iss": "https://spire.example.org", "aud": "tether", "sub": agent_id(0),
-        "iat": now, "exp": now + 3600,
-    }));
+    let token_for = |jti: u64| {
+        key.token(&serde_json::json!({
+            "iss": "https://spire.example.org", "aud": "tether", "sub": agent_id(0),
+            "iat": now, "exp": now + 3600, "jti": jti,
+        }))
+    };
+    let token = token_for(0);
     let verified = verifier
         .verify(&token, now, Instant::now())
         .expect("a valid token");
     assert_eq!(verified.agent.as_str(), agent_id(0));
 
-    c.bench_function("jwt/verify_es256_jwt_svid", |b| {
+    // A token seen for the first time: signature and every claim checked.
+    let mut jti = 0;
+    c.bench_function("jwt/verify_es256_first_use", |b| {
+        b.iter_batched(
+            || {
+                jti += 1;
+                token_for(jti)
+            },
+            |token| verifier.verify(black_box(&token), now, Instant::now()),
+            BatchSize::SmallInput,
+        )
+    });
+    // The same token again: remembered, only time and keys re-checked.
+    c.bench_function("jwt/verify_remembered", |b| {
         b.iter(|| verifier.verify(black_box(&token), now, Instant::now()))
     });
 }

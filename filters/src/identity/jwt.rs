@@ -27,7 +27,9 @@ use serde_json::{Map, Value};
 use tether_config::spiffe::SpiffeId;
 use tether_config::{JwtAlgorithm, TokenKind, Tokens};
 
-use super::jwks::KeySource;
+use moka::sync::Cache;
+
+use super::jwks::{KeySource, LoadedKeys};
 use crate::context::Delegation;
 use crate::{Denial, Reason};
 
@@ -36,13 +38,29 @@ use crate::{Denial, Reason};
 pub struct VerifiedToken {
     /// What kind of issuer signed it.
     pub kind: TokenKind,
+    /// Its issuer's `iss`.
+    pub issuer: Arc<str>,
     /// The agent acting: the outermost `act`, or the agent claim.
     pub agent: SpiffeId,
     /// The delegation chain, when the token carries `act`.
     pub delegation: Option<Arc<Delegation>>,
     /// The RFC 8705 `cnf` `x5t#S256` certificate thumbprint, when bound.
-    pub cnf_x5t_s256: Option<Vec<u8>>,
+    pub cnf_x5t_s256: Option<[u8; 32]>,
 }
+
+/// A token verified before, and what its validity depends on: the times
+/// are checked again on every use, and the key set must be the very one
+/// it was verified with (a rotation or removal verifies it afresh).
+struct Verified {
+    token: VerifiedToken,
+    keys: Arc<LoadedKeys>,
+    exp: i64,
+    not_before: i64,
+}
+
+/// Most verified tokens remembered: an agent reuses its token for many
+/// requests, and a signature check costs tens of microseconds.
+const VERIFIED_TOKENS: u64 = 4096;
 
 /// One configured issuer and its keys.
 pub struct Issuer {
@@ -65,6 +83,8 @@ pub struct TokenVerifier {
     max_token_bytes: usize,
     max_header_bytes: usize,
     max_depth: usize,
+    /// Tokens already verified, by their exact text.
+    verified: Cache<String, Arc<Verified>>,
 }
 
 /// What the header may say; other members (`jku`, `x5u`, `jwk`, `x5c`,
@@ -117,6 +137,12 @@ impl TokenVerifier {
             max_token_bytes: config.max_token_bytes,
             max_header_bytes: config.max_header_bytes,
             max_depth: config.max_delegation_depth,
+            verified: Cache::builder()
+                .max_capacity(VERIFIED_TOKENS)
+                .time_to_live(std::time::Duration::from_secs(
+                    config.max_lifetime_seconds.max(1),
+                ))
+                .build(),
         }
     }
 
@@ -143,8 +169,29 @@ impl TokenVerifier {
     }
 
     /// Verifies `token` at `now` (Unix seconds; `instant` for key
-    /// freshness).
+    /// freshness). A token verified before is only checked for time and
+    /// for its issuer's keys being the same set: the same text under the
+    /// same keys and config has the same signature and claims. Anything
+    /// else is verified in full, which also gives the precise refusal.
     pub fn verify(&self, token: &str, now: i64, instant: Instant) -> Result<VerifiedToken, Denial> {
+        if let Some(hit) = self.verified.get(token) {
+            let live = now <= hit.exp.saturating_add(self.leeway)
+                && now.saturating_add(self.leeway) >= hit.not_before;
+            let same_keys = self
+                .issuers
+                .get(hit.token.issuer.as_ref())
+                .and_then(|i| i.keys.usable(instant))
+                .is_some_and(|k| Arc::ptr_eq(&k, &hit.keys));
+            if live && same_keys {
+                return Ok(hit.token.clone());
+            }
+        }
+        let entry = Arc::new(self.verify_in_full(token, now, instant)?);
+        self.verified.insert(token.to_string(), entry.clone());
+        Ok(entry.token.clone())
+    }
+
+    fn verify_in_full(&self, token: &str, now: i64, instant: Instant) -> Result<Verified, Denial> {
         let parsed = self.parse(token)?;
         let alg = match parsed.header.alg.as_str() {
             "none" => {
@@ -226,7 +273,7 @@ impl TokenVerifier {
             return Err(refuse(Reason::TokenSignature, "signature does not verify"));
         }
         // From here on the claims are the issuer's.
-        self.check_times(&claims, now)?;
+        let times = self.check_times(&claims, now)?;
         check_audience(issuer, &claims)?;
         let (agent, delegation) = self.agent(issuer, &claims)?;
         let cnf_x5t_s256 = match claims.get("cnf").and_then(|c| c.get("x5t#S256")) {
@@ -234,7 +281,7 @@ impl TokenVerifier {
             Some(v) => Some(
                 v.as_str()
                     .and_then(|s| decode(s).ok())
-                    .filter(|t| t.len() == 32)
+                    .and_then(|t| <[u8; 32]>::try_from(t).ok())
                     .ok_or_else(|| {
                         refuse(
                             Reason::TokenClaims,
@@ -243,11 +290,19 @@ impl TokenVerifier {
                     })?,
             ),
         };
-        Ok(VerifiedToken {
+        let verified = VerifiedToken {
             kind: issuer.kind,
+            issuer: issuer.name.clone(),
             agent,
             delegation,
             cnf_x5t_s256,
+        };
+        let (exp, not_before) = times;
+        Ok(Verified {
+            token: verified,
+            keys,
+            exp,
+            not_before,
         })
     }
 
@@ -284,7 +339,9 @@ impl TokenVerifier {
         })
     }
 
-    fn check_times(&self, claims: &Map<String, Value>, now: i64) -> Result<(), Denial> {
+    /// Checks `exp`, `nbf`, `iat` and the lifetime; returns `exp` and the
+    /// earliest time the token is valid (`nbf` or `iat`, the later).
+    fn check_times(&self, claims: &Map<String, Value>, now: i64) -> Result<(i64, i64), Denial> {
         let time = |name: &str| -> Result<Option<i64>, Denial> {
             match claims.get(name) {
                 None => Ok(None),
@@ -331,7 +388,8 @@ impl TokenVerifier {
                 ),
             ));
         }
-        Ok(())
+        let nbf = time("nbf")?.unwrap_or(iat);
+        Ok((exp, nbf.max(iat)))
     }
 
     /// The acting agent and, under delegation, the chain. With `act`

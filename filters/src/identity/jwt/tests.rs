@@ -443,3 +443,29 @@ fn an_unknown_kid_asks_for_an_early_fetch_outside_the_cool_down() {
         "unknown kid"
     );
 }
+
+#[test]
+fn a_remembered_token_is_still_checked_for_time_and_keys() {
+    let k1 = Minter::es256("k1").expect("key");
+    let k2 = Minter::es256("k2").expect("key");
+    let set = |m: &Minter| KeySet::parse(Minter::jwks(&[m]).as_bytes()).expect("set");
+    let source = Arc::new(KeySource::file("test", set(&k1)));
+    let config = Tokens {
+        issuers: vec![issuer(TokenKind::JwtSvid, Some("example.org"))],
+        ..Tokens::default()
+    };
+    let v = TokenVerifier::new(&config, vec![source.clone()]);
+    let token = k1.token(&claims());
+    let at = |t: i64| {
+        v.verify(&token, t, Instant::now())
+            .map(|t| t.agent)
+            .map_err(|d| d.reason)
+    };
+    at(now()).expect("valid");
+    at(now()).expect("valid again, remembered");
+    // Time moves on: the remembered token expires like any other.
+    assert_eq!(at(now() + 400), Err(Reason::TokenExpired));
+    // The issuer drops k1: the remembered token is verified afresh.
+    source.store(set(&k2));
+    assert_eq!(at(now()), Err(Reason::TokenUnknownKey));
+}
