@@ -6,7 +6,9 @@
 //! so the two can never disagree.
 
 use std::io::Write;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -328,7 +330,15 @@ impl<'a> AuditRecord<'a> {
 pub struct AuditSink {
     tx: SyncSender<Vec<u8>>,
     dropped: IntCounter,
+    writer: std::thread::Thread,
+    closing: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
 }
+
+/// How often the writer wakes to write what is queued. The writer is
+/// never waiting on the queue, so queuing a line never wakes a thread (a
+/// wake-up per request cost about a tenth of the proxy's CPU).
+const AUDIT_FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 impl AuditSink {
     /// Starts the writer for `output` (`stdout`, `stderr` or a file path,
@@ -349,10 +359,34 @@ impl AuditSink {
             ),
         };
         let (tx, rx) = sync_channel(max_queue);
+        let closing = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let (c, d) = (closing.clone(), done.clone());
         let handle = std::thread::Builder::new()
             .name("tether-audit".into())
-            .spawn(move || write_lines(rx, writer))?;
-        Ok((AuditSink { tx, dropped }, handle))
+            .spawn(move || {
+                write_lines(rx, writer, &c);
+                d.store(true, Ordering::Release);
+            })?;
+        let sink = AuditSink {
+            tx,
+            dropped,
+            writer: handle.thread().clone(),
+            closing,
+            done,
+        };
+        Ok((sink, handle))
+    }
+
+    /// Writes what is queued and stops the writer, waiting up to `timeout`:
+    /// at shutdown, so no line is lost with the process.
+    pub fn close(&self, timeout: Duration) {
+        self.closing.store(true, Ordering::Release);
+        self.writer.unpark();
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.done.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Queues one record.
@@ -369,21 +403,28 @@ impl AuditSink {
     }
 }
 
-fn write_lines(rx: Receiver<Vec<u8>>, writer: Box<dyn Write + Send>) {
+fn write_lines(rx: Receiver<Vec<u8>>, writer: Box<dyn Write + Send>, closing: &AtomicBool) {
     let mut out = std::io::BufWriter::new(writer);
-    // Block for the first line, take whatever else is queued, then flush:
-    // lines reach the file promptly without a write call per line.
-    while let Ok(line) = rx.recv() {
-        let mut ok = out.write_all(&line).is_ok();
-        while let Ok(line) = rx.try_recv() {
-            ok &= out.write_all(&line).is_ok();
-        }
+    // Wake on a clock, write everything queued, flush once: lines reach
+    // the file within the interval, with one write call per batch.
+    loop {
+        std::thread::park_timeout(AUDIT_FLUSH_EVERY);
+        let mut ok = true;
+        let disconnected = loop {
+            match rx.try_recv() {
+                Ok(line) => ok &= out.write_all(&line).is_ok(),
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
+            }
+        };
         ok &= out.flush().is_ok();
         if !ok {
             log::error!("cannot write audit lines");
         }
+        if disconnected || closing.load(Ordering::Acquire) {
+            return;
+        }
     }
-    let _ = out.flush();
 }
 
 #[cfg(test)]

@@ -57,7 +57,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         config.admin.address,
     );
     server.run(RunArgs::default());
-    // Send the spans still queued before the process ends.
+    // Write the audit lines and send the spans still queued before the
+    // process ends.
+    app.audit.close(std::time::Duration::from_secs(2));
     app.telemetry.shutdown();
     Ok(())
 }
