@@ -240,6 +240,9 @@ struct ClockedBatchProcessor<E: SpanExporter> {
     thread: std::thread::Thread,
 }
 
+/// Spans that wake the export thread before its interval is up.
+const EXPORT_BATCH: usize = 512;
+
 struct Shared<E> {
     queue: Mutex<Vec<SpanData>>,
     max_queue: usize,
@@ -308,11 +311,17 @@ impl<E: SpanExporter + 'static> SpanProcessor for ClockedBatchProcessor<E> {
 
     fn on_end(&self, span: SpanData) {
         let mut queue = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if queue.len() < self.shared.max_queue {
-            queue.push(span);
-        } else {
+        if queue.len() >= self.shared.max_queue {
             drop(queue);
             self.shared.dropped.inc();
+            return;
+        }
+        queue.push(span);
+        // A full batch goes at once (one wake-up per batch): memory stays
+        // at a batch or so under load, whatever the interval.
+        if queue.len().is_multiple_of(EXPORT_BATCH) {
+            drop(queue);
+            self.thread.unpark();
         }
     }
 
