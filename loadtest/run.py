@@ -78,6 +78,10 @@ TARGETS = [
     {"name": "nginx-plain", "label": "nginx reverse proxy (HTTP)", "kind": "nginx-plain", "tls": False},
     {"name": "nginx-mtls", "label": "nginx terminating mTLS", "kind": "nginx-mtls", "tls": True},
     {"name": "envoy", "label": "Envoy mTLS + RBAC + OTel", "kind": "envoy", "tls": True},
+    # The yardstick for enforcement's cost: pingora terminating mTLS and
+    # forwarding, built like Tether (same crates, profile, allocator, TLS
+    # provider) from proxy/examples/bare_mtls.rs, with no chain at all.
+    {"name": "pingora-mtls", "label": "bare pingora mTLS proxy", "kind": "pingora-bare", "tls": True},
     {"name": "tether-cached", "label": "Tether, cached decisions", "kind": "tether", "tls": True,
      "path": CACHED_PATH},
     {"name": "tether-uncached", "label": "Tether, every decision uncached", "kind": "tether", "tls": True,
@@ -415,10 +419,11 @@ def ensure_tools(args) -> dict:
 
     tether = Path(args.tether_bin) if args.tether_bin else TETHER_TARGET_DIR / "release" / "tether"
     if not args.no_build and not args.tether_bin:
-        log(f"cargo build --release -p tether (CARGO_TARGET_DIR={TETHER_TARGET_DIR}; "
-            "a no-op when up to date, ~8 min with fat LTO when not)")
+        log(f"cargo build --release -p tether --bin tether --example bare_mtls (CARGO_TARGET_DIR="
+            f"{TETHER_TARGET_DIR}; a no-op when up to date, ~10 min with fat LTO when not)")
         env = dict(os.environ, CARGO_TARGET_DIR=str(TETHER_TARGET_DIR))
-        r = run(["cargo", "build", "--release", "--locked", "-p", "tether"], env=env, capture=False, check=False)
+        r = run(["cargo", "build", "--release", "--locked", "-p", "tether", "--bin", "tether",
+                 "--example", "bare_mtls"], env=env, capture=False, check=False)
         tools["tether_build"] = "built or up to date" if r.returncode == 0 else "cargo build failed"
         if r.returncode != 0:
             if not tether.exists():
@@ -427,6 +432,8 @@ def ensure_tools(args) -> dict:
     if not tether.exists():
         raise SystemExit(f"no Tether binary at {tether} (run without --no-build)")
     tools["tether"] = str(tether)
+    # Beside the binary in the same target dir (release/examples/).
+    tools["pingora_bare"] = str(tether.parent / "examples" / "bare_mtls")
     tools["tether_mtime"] = dt.datetime.fromtimestamp(tether.stat().st_mtime).isoformat(timespec="seconds")
     return tools
 
@@ -631,6 +638,14 @@ class Target:
                                "--log-level", "warn", "--log-path", d / "envoy.log"], log_path=d / "stdout.log")
             wait_http_ok(self.admin, "/ready", self.proc, "envoy", timeout=30)
             wait_port(self.port, self.proc, "envoy")
+        elif kind == "pingora-bare":
+            if not Path(t["pingora_bare"]).exists():
+                raise SystemExit(f"no bare pingora proxy at {t['pingora_bare']} (run without --no-build)")
+            self.proc = spawn([t["pingora_bare"], "--listen", f"127.0.0.1:{self.port}",
+                               "--upstream", f"127.0.0.1:{env.upstream_port}", "--cert", env.certs / "server.pem",
+                               "--key", env.certs / "server-key.pem", "--ca", env.certs / "ca.pem",
+                               "--threads", "1"], log_path=d / "stdout.log")
+            wait_port(self.port, self.proc, kind)
         elif kind == "tether":
             self.admin = free_port()
             self.audit = d / "audit.log"
@@ -711,8 +726,8 @@ class Target:
         return out
 
     def stop(self):
-        # SIGINT: Tether's (pingora's) fast shutdown; SIGTERM would wait out the grace period
-        stop(self.proc, first=signal.SIGINT if self.spec["kind"] == "tether" else signal.SIGTERM)
+        # SIGINT: pingora's fast shutdown (Tether and the bare proxy); SIGTERM would wait out the grace period
+        stop(self.proc, first=signal.SIGINT if self.spec["kind"] in ("tether", "pingora-bare") else signal.SIGTERM)
 
 
 # ---------------------------------------------------------------------------
@@ -1068,20 +1083,21 @@ def markdown(meta: dict, agg: dict, runs: list[dict]) -> str:
         L.append("")
         if closed:
             L.append("| target | req/s | ×direct | ×nginx-mTLS | p50 ms | p99 ms | p99.9 ms | CPU s/10k | "
-                     "CPU ×nginx-mTLS | peak RSS MiB | errors |")
-            L.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+                     "CPU ×nginx-mTLS | CPU ×pingora-mTLS | peak RSS MiB | errors |")
+            L.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         else:
             L.append("| target | req/s | p50 ms | p99 ms | p99.9 ms | p99 ×direct | p99 ×nginx-mTLS | CPU s/10k | "
                      "CPU ×nginx-mTLS | peak RSS MiB | errors |")
             L.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         d = agg.get((shape["name"], "direct"), {})
         n = agg.get((shape["name"], "nginx-mtls"), {})
+        b = agg.get((shape["name"], "pingora-mtls"), {})
         for spec in TARGETS:
             c = agg.get((shape["name"], spec["name"]))
             if not c:
                 continue
             if "failed" in c:
-                L.append(f"| {spec['label']} | failed: {c['failed'][:80]} |" + " |" * 9)
+                L.append(f"| {spec['label']} | failed: {c['failed'][:80]} |" + " |" * (10 if closed else 9))
                 continue
             spread = f" ±{c['rps_spread'] * 50:.0f}%" if c["runs"] > 1 and closed else ""
             spread += " †" if c.get("all_disturbed") else ""
@@ -1090,7 +1106,8 @@ def markdown(meta: dict, agg: dict, runs: list[dict]) -> str:
                 L.append(f"| {spec['label']} | {fmt(c['rps'])}{spread} | {ratio(c['rps'], d.get('rps'))} | "
                          f"{ratio(c['rps'], n.get('rps'))} | {fmt(c['p50_ms'], 2)} | {fmt(c['p99_ms'], 2)} | "
                          f"{fmt(c['p99_9_ms'], 2)} | {fmt(c['cpu_s_per_10k'], 3)} | "
-                         f"{ratio(c['cpu_s_per_10k'], n.get('cpu_s_per_10k'))} | {fmt(c['peak_rss_mib'], 1)} | "
+                         f"{ratio(c['cpu_s_per_10k'], n.get('cpu_s_per_10k'))} | "
+                         f"{ratio(c['cpu_s_per_10k'], b.get('cpu_s_per_10k'))} | {fmt(c['peak_rss_mib'], 1)} | "
                          f"{err} |")
             else:
                 sat = (" (saturated)" if c.get("saturated") else "") + (" †" if c.get("all_disturbed") else "")
@@ -1283,9 +1300,10 @@ def readme_table(meta: dict, agg: dict) -> str:
          f"Details, every load shape and the checks: [results/results.md](results/results.md).",
          "",
          "| target | req/s @32 | ×direct | ×nginx-mTLS | req/s @256 | p99 ms @1k/s | p99 ms @5k/s | "
-         "p99.9 ms @5k/s | CPU s/10k @32 | peak RSS MiB | errors |",
-         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+         "p99.9 ms @5k/s | CPU s/10k @32 | CPU ×pingora-mTLS | peak RSS MiB | errors |",
+         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     d, n = agg.get(("c32", "direct"), {}), agg.get(("c32", "nginx-mtls"), {})
+    b = agg.get(("c32", "pingora-mtls"), {})
     for spec in TARGETS:
         c32 = agg.get(("c32", spec["name"]), {})
         c256 = agg.get(("c256", spec["name"]), {})
@@ -1297,7 +1315,7 @@ def readme_table(meta: dict, agg: dict) -> str:
                  f"{ratio(c32.get('rps'), n.get('rps'))} | {fmt(c256.get('rps'))} | {fmt(r1.get('p99_ms'), 2)} | "
                  f"{fmt(r5.get('p99_ms'), 2)}{' (sat.)' if r5.get('saturated') else ''} | "
                  f"{fmt(r5.get('p99_9_ms'), 2)} | {fmt(c32.get('cpu_s_per_10k'), 3)} | "
-                 f"{rss:.1f} | {errs} |")
+                 f"{ratio(c32.get('cpu_s_per_10k'), b.get('cpu_s_per_10k'))} | {rss:.1f} | {errs} |")
     return "\n".join(L)
 
 
