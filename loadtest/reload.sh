@@ -32,8 +32,9 @@ with open(sys.argv[1], "w") as f:
 EOF
 sed -e "s#^\(  policies:\).*#\1 $PWD/$DIR/policies#" \
     -e "s#^\(  output:\).*#\1 $PWD/$DIR/audit.log#" "$CHECKED" > "$DIR/tether.yaml"
-port() { sed -n "${1}p" "$DIR/tether.yaml" | sed 's/.*127.0.0.1://'; }
-LISTEN=$(port 5) ADMIN=$(port 13)
+# conf/tether.yaml names the listener's address first, then the admin's.
+port() { grep -m "$1" '^  address: 127.0.0.1:' "$DIR/tether.yaml" | tail -1 | sed 's/.*127.0.0.1://'; }
+LISTEN=$(port 1) ADMIN=$(port 2)
 
 nginx -e "$PWD/$WORK/upstream/error.log" -p "$PWD/$WORK/upstream" -c "$PWD/$WORK/upstream/nginx.conf" &
 UPSTREAM=$!
