@@ -97,7 +97,8 @@ impl Collector {
 }
 
 /// Spans as rotel prints them: attribute name to printed value, plus
-/// `trace_id` and the resource's `service.name`.
+/// `trace_id`, `parent_id`, `name`, `kind` and the resource's
+/// `service.name`.
 fn spans(text: &str) -> Vec<HashMap<String, String>> {
     let mut spans = Vec::new();
     let mut service = String::new();
@@ -122,12 +123,18 @@ fn spans(text: &str) -> Vec<HashMap<String, String>> {
                 None if key == "service.name" => service = value.to_string(),
                 None => {}
             }
-        } else if let Some(id) = trimmed.strip_prefix("Trace ID") {
+        } else if let Some((field, value)) = trimmed.split_once(" : ") {
+            // The span's own fields: `Trace ID       : 4bf9...`.
+            let key = match field.trim() {
+                "Trace ID" => "trace_id",
+                "Parent ID" => "parent_id",
+                "ID" => "id",
+                "Name" => "name",
+                "Kind" => "kind",
+                _ => continue,
+            };
             if let Some(span) = &mut current {
-                span.insert(
-                    "trace_id".into(),
-                    id.trim_start_matches([' ', ':']).to_string(),
-                );
+                span.insert(key.into(), value.trim().to_string());
             }
         }
     }
@@ -216,6 +223,13 @@ fn one_span_per_request_reaches_a_real_collector_over_grpc_and_http() {
             "{allow:?}"
         );
         assert_eq!(allow["trace_id"], caller_trace);
+        assert_eq!(allow["parent_id"], "00f067aa0ba902b7", "the caller's span");
+        assert_eq!(allow["name"], "GET /v1/repos/{repo}/issues");
+        assert_eq!(allow["kind"], "SPAN_KIND_SERVER");
+        assert!(
+            forwarded.contains(&allow["id"]),
+            "the API's parent is our span"
+        );
 
         let deny = find("Str(deny)");
         assert_eq!(deny["tether.reason"], "Str(policy_denied)");

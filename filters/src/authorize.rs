@@ -14,11 +14,11 @@
 //!   UTC weekday and hour, so time-of-day policies work and a cached
 //!   decision lives at most until the hour turns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cedar_policy::{
@@ -35,11 +35,11 @@ mod slices;
 
 use self::slices::Slices;
 use crate::lifecycle::Registry;
-use crate::route::CompiledRoute;
+use crate::route::{CompiledRoute, RouteMatch};
 use crate::{Denial, Filter, IdentityKind, Reason, RequestCtx, Snapshot};
 
 /// What Cedar decided, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Decision {
     /// Whether policy permits the request.
     pub allowed: bool,
@@ -55,7 +55,7 @@ pub struct Decision {
 }
 
 /// A shadow policy set's verdict.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ShadowDecision {
     /// Whether the shadow set permits the request (errors deny).
     pub allowed: bool,
@@ -316,12 +316,9 @@ pub struct DecisionInput {
     pub generation: u64,
     /// The agent's SPIFFE ID; its attributes come from the snapshot.
     pub principal: Arc<str>,
-    /// The matched route: the resource's attributes come from it.
-    pub route: usize,
-    /// The Cedar action.
-    pub action: EntityUid,
-    /// The Cedar resource.
-    pub resource: EntityUid,
+    /// The matched route, action and resource (the route itself, from the
+    /// snapshot, gives their types and the resource's attributes).
+    pub route: RouteMatch,
     /// The context.
     pub context: RequestContext,
 }
@@ -339,9 +336,7 @@ impl DecisionInput {
         Some(DecisionInput {
             generation: ctx.snapshot.generation,
             principal: agent.id.as_arc().clone(),
-            route: route.index,
-            action: route.action.clone(),
-            resource: route.resource.clone(),
+            route: route.clone(),
             context: RequestContext {
                 identity_kind: principal.kind,
                 source_ip: ctx.client_addr,
@@ -366,11 +361,18 @@ pub fn evaluate(snapshot: &Snapshot, input: &DecisionInput) -> Decision {
     let Some(agent) = snapshot.registry.get(&input.principal) else {
         return error_decision(format!("`{}` is not registered", input.principal));
     };
+    let Some(route) = snapshot.routes.get(input.route.index) else {
+        return error_decision("route index out of range".into());
+    };
+    let action = route.action_uid(&input.route);
+    let Some(resource) = route.resource_uid(&input.route) else {
+        return error_decision("a tool on a route that is not an MCP route".into());
+    };
     let request = cedar_context(agent.id.trust_domain(), &input.context).and_then(|context| {
         Request::new(
             agent.uid.clone(),
-            input.action.clone(),
-            input.resource.clone(),
+            action.clone(),
+            resource.clone(),
             context,
             None, // routes were checked against the schema at load
         )
@@ -384,7 +386,7 @@ pub fn evaluate(snapshot: &Snapshot, input: &DecisionInput) -> Decision {
     // A route that gives its resource attributes adds that entity; the
     // rest of the time the agents alone are the entities.
     let with_resource;
-    let entities = match resource_entity(snapshot, input) {
+    let entities = match resource_entity(route, &input.route, resource) {
         Ok(None) => &engine.entities,
         Ok(Some(resource)) => {
             let agent_entity = engine.entities.get(&agent.uid).cloned();
@@ -419,13 +421,13 @@ pub fn evaluate(snapshot: &Snapshot, input: &DecisionInput) -> Decision {
             errors,
         )
     };
-    let (allowed, policies, errors) = authorize(&engine.slices.get(&agent.uid, &input.action));
+    let (allowed, policies, errors) = authorize(&engine.slices.get(&agent.uid, &action));
     Decision {
         allowed,
         policies,
         errors,
         shadow: engine.shadow_slices.as_ref().map(|slices| {
-            let (allowed, policies, _) = authorize(&slices.get(&agent.uid, &input.action));
+            let (allowed, policies, _) = authorize(&slices.get(&agent.uid, &action));
             ShadowDecision { allowed, policies }
         }),
     }
@@ -433,15 +435,16 @@ pub fn evaluate(snapshot: &Snapshot, input: &DecisionInput) -> Decision {
 
 /// The resource as an entity with the route's attributes, when the route
 /// gives any (and the request acts on the route's resource, not a tool).
-fn resource_entity(snapshot: &Snapshot, input: &DecisionInput) -> Result<Option<Entity>, String> {
-    let Some(route) = snapshot.routes.get(input.route) else {
-        return Err("route index out of range".into());
-    };
-    if route.resource_attributes.is_empty() || input.resource.type_name() != &route.resource_type {
+fn resource_entity(
+    route: &CompiledRoute,
+    matched: &RouteMatch,
+    resource: EntityUid,
+) -> Result<Option<Entity>, String> {
+    if route.resource_attributes.is_empty() || matched.resource.tool {
         return Ok(None);
     }
     Entity::new(
-        input.resource.clone(),
+        resource,
         route.resource_attributes.clone(),
         Default::default(),
     )
@@ -521,9 +524,18 @@ fn error_decision(error: String) -> Decision {
 /// A bounded cache of decisions.
 pub struct DecisionCache {
     cache: Cache<DecisionInput, Arc<Decision>>,
+    /// Distinct decisions, shared by the entries that reached them: there
+    /// are few (one per combination of deciding policies) while entries
+    /// are many, so each entry holds a pointer rather than its own copy.
+    interned: Mutex<HashSet<Arc<Decision>>>,
     hits: IntCounter,
     misses: IntCounter,
 }
+
+/// Most distinct decisions held for sharing. Past it the set starts over:
+/// sharing is lost for a while, correctness never (entries hold their own
+/// `Arc`s).
+const MAX_INTERNED_DECISIONS: usize = 4096;
 
 impl DecisionCache {
     /// A cache of at most `max_entries` decisions, each kept at most `ttl`.
@@ -538,6 +550,7 @@ impl DecisionCache {
                 .max_capacity(max_entries)
                 .time_to_live(ttl)
                 .build(),
+            interned: Mutex::new(HashSet::new()),
             hits,
             misses,
         }
@@ -551,7 +564,7 @@ impl DecisionCache {
         let entry = self
             .cache
             .entry_by_ref(&input)
-            .or_insert_with(|| Arc::new(evaluate(snapshot, &input)));
+            .or_insert_with(|| self.intern(evaluate(snapshot, &input)));
         let hit = !entry.is_fresh();
         if hit {
             self.hits.inc();
@@ -559,6 +572,20 @@ impl DecisionCache {
             self.misses.inc();
         }
         (entry.into_value(), hit)
+    }
+
+    /// The shared copy of `decision`.
+    fn intern(&self, decision: Decision) -> Arc<Decision> {
+        let mut interned = self.interned.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = interned.get(&decision) {
+            return shared.clone();
+        }
+        if interned.len() >= MAX_INTERNED_DECISIONS {
+            interned.clear();
+        }
+        let shared = Arc::new(decision);
+        interned.insert(shared.clone());
+        shared
     }
 
     /// How many decisions are held (approximate, as moka counts).
@@ -899,7 +926,7 @@ mod tests {
         let public = testing::input(&snapshot, testing::ALICE_BOT, "GET", "/public/readme");
         let private = testing::input(&snapshot, testing::ALICE_BOT, "GET", "/private/readme");
         // Same resource uid, different routes: different inputs, different answers.
-        assert_eq!(public.resource, private.resource);
+        assert_eq!(public.route.resource, private.route.resource);
         assert!(evaluate(&snapshot, &public).allowed);
         assert!(!evaluate(&snapshot, &private).allowed);
         let cache = testing::cache();

@@ -15,6 +15,7 @@ use pingora_http::RequestHeader;
 use serde_json::Value;
 
 use crate::authorize::{DecisionCache, DecisionInput};
+use crate::route::ResourceRef;
 use crate::{Denial, Filter, Reason, RequestCtx};
 
 /// Largest body an MCP route may accept: what Tether can hold to replay
@@ -200,11 +201,14 @@ pub fn tool_visible(cache: &DecisionCache, ctx: &RequestCtx, tool: &str) -> bool
     else {
         return false;
     };
-    let Some(spec) = &compiled.mcp else {
+    if compiled.mcp.is_none() {
         return false;
+    }
+    input.route.action = compiled.action.clone(); // `tools/call` on MCP routes
+    input.route.resource = ResourceRef {
+        tool: true,
+        id: tool.into(),
     };
-    input.action = compiled.action_uid.clone(); // `tools/call` on MCP routes
-    input.resource = EntityUid::from_type_name_and_id(spec.tool_type.clone(), EntityId::new(tool));
     input.context.arguments = None;
     let (decision, _) = cache.decide(&ctx.snapshot, input);
     decision.allowed || !decision.errors.is_empty()
@@ -245,7 +249,7 @@ impl Filter for Mcp {
             return Err(Denial::new(Reason::Internal, "mcp ran before route"));
         };
         let compiled = ctx.snapshot.routes.get(route.index);
-        let (Some(compiled), Some(spec)) = (compiled, compiled.and_then(|c| c.mcp.as_ref())) else {
+        let Some(compiled) = compiled.filter(|c| c.mcp.is_some()) else {
             return Err(Denial::new(Reason::Internal, "MCP route vanished"));
         };
         let action = EntityUid::from_type_name_and_id(
@@ -268,10 +272,12 @@ impl Filter for Mcp {
             ctx.mcp = Some(call);
             return Err(Denial::new(Reason::NoRoute, detail));
         }
-        route.action = action;
+        route.action = call.method.as_str().into();
         if let Some(tool) = &call.tool {
-            route.resource =
-                EntityUid::from_type_name_and_id(spec.tool_type.clone(), EntityId::new(tool));
+            route.resource = ResourceRef {
+                tool: true,
+                id: tool.into(),
+            };
         }
         ctx.mcp = Some(call);
         Ok(())

@@ -269,11 +269,11 @@ impl<'a> AuditRecord<'a> {
         trace_id: Option<String>,
     ) -> AuditRecord<'a> {
         let started = OffsetDateTime::from(ctx.started);
-        let template = ctx
+        let matched = ctx
             .route
             .as_ref()
-            .and_then(|m| ctx.snapshot.routes.get(m.index))
-            .map(|r| &*r.template);
+            .and_then(|m| Some((m, ctx.snapshot.routes.get(m.index)?)));
+        let template = matched.map(|(_, r)| &*r.template);
         let delegation = ctx.principal.as_ref().and_then(|p| p.delegation.as_deref());
         AuditRecord {
             time: started
@@ -294,8 +294,8 @@ impl<'a> AuditRecord<'a> {
             method,
             path: &ctx.path,
             route: template,
-            action: ctx.route.as_ref().map(|m| m.action.to_string()),
-            resource: ctx.route.as_ref().map(|m| m.resource.to_string()),
+            action: matched.map(|(m, r)| r.action_uid(m).to_string()),
+            resource: matched.and_then(|(m, r)| Some(r.resource_uid(m)?.to_string())),
             mcp_method: ctx.mcp.as_ref().map(|m| m.method.as_str()),
             tool: ctx.mcp.as_ref().and_then(|m| m.tool.as_deref()),
             policies: ctx.decision.as_deref().map_or(&[], |d| &d.policies),

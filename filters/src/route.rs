@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use cedar_policy::{EntityId, EntityTypeName, EntityUid};
 use pingora_http::RequestHeader;
+use smol_str::{SmolStr, SmolStrBuilder};
 use std::collections::HashMap;
 
 use cedar_policy::RestrictedExpression;
@@ -87,15 +88,60 @@ pub struct CompiledRoute {
     resource_id: Vec<IdPart>,
 }
 
-/// A matched route: which one, and the Cedar action and resource it names.
-#[derive(Debug, Clone)]
+/// A matched route: which one, and the Cedar action and resource it
+/// names. Both are held relative to the route (their types are the
+/// route's), so a match is small: it is part of every decision's cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RouteMatch {
     /// Index of the route in the snapshot's table.
     pub index: usize,
-    /// The Cedar action.
-    pub action: EntityUid,
+    /// The Cedar action's id, of the route's action type: the route's own,
+    /// or on an MCP route the JSON-RPC method.
+    pub action: Arc<str>,
     /// The Cedar resource.
-    pub resource: EntityUid,
+    pub resource: ResourceRef,
+}
+
+/// A Cedar resource, relative to its route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResourceRef {
+    /// An MCP tool (of the route's tool type), not the route's resource.
+    pub tool: bool,
+    /// The entity id; a path parameter's worth fits inline, unallocated.
+    pub id: SmolStr,
+}
+
+impl CompiledRoute {
+    /// The Cedar action `m` names.
+    pub fn action_uid(&self, m: &RouteMatch) -> EntityUid {
+        if m.action == self.action {
+            self.action_uid.clone()
+        } else {
+            EntityUid::from_type_name_and_id(
+                self.action_uid.type_name().clone(),
+                EntityId::new(&*m.action),
+            )
+        }
+    }
+
+    /// The type of the resource `m` names; `None` for a tool on a route
+    /// that is not an MCP route.
+    pub fn resource_type_of(&self, m: &RouteMatch) -> Option<&EntityTypeName> {
+        if m.resource.tool {
+            self.mcp.as_ref().map(|mcp| &mcp.tool_type)
+        } else {
+            Some(&self.resource_type)
+        }
+    }
+
+    /// The Cedar resource `m` names; `None` as for [`Self::resource_type_of`].
+    pub fn resource_uid(&self, m: &RouteMatch) -> Option<EntityUid> {
+        let entity_type = self.resource_type_of(m)?.clone();
+        Some(EntityUid::from_type_name_and_id(
+            entity_type,
+            EntityId::new(&m.resource.id),
+        ))
+    }
 }
 
 /// Every route, tried in order; the first match wins.
@@ -162,7 +208,7 @@ impl RouteTable {
             if parts.next().is_some() {
                 continue;
             }
-            let mut resource_id = String::new();
+            let mut resource_id = SmolStrBuilder::new();
             for part in &route.resource_id {
                 match part {
                     IdPart::Literal(s) => resource_id.push_str(s),
@@ -171,11 +217,11 @@ impl RouteTable {
             }
             return Some(RouteMatch {
                 index,
-                action: route.action_uid.clone(),
-                resource: EntityUid::from_type_name_and_id(
-                    route.resource_type.clone(),
-                    EntityId::new(resource_id),
-                ),
+                action: route.action.clone(),
+                resource: ResourceRef {
+                    tool: false,
+                    id: resource_id.finish(),
+                },
             });
         }
         None
@@ -370,9 +416,7 @@ mod tests {
             ("GET", "/", None),
         ] {
             let got = t.find(method, path);
-            let id = got
-                .as_ref()
-                .map(|m| m.resource.id().unescaped().to_string());
+            let id = got.as_ref().map(|m| m.resource.id.to_string());
             let got = got.as_ref().map(|m| m.index).zip(id);
             let expected = expected.map(|(i, id)| (i, id.to_string()));
             assert_eq!(got, expected, "{method} {path}");

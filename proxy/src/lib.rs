@@ -10,6 +10,7 @@ pub mod demo;
 pub mod echo;
 pub mod explain;
 pub mod jwks;
+pub mod otlp;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;

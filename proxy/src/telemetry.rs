@@ -1,45 +1,60 @@
 //! OpenTelemetry: one server span per request, exported over OTLP.
 //!
-//! Spans are queued in a bounded batch processor and sent from its own
-//! thread: a slow or absent collector costs dropped spans (counted in
+//! A span is written as OTLP protobuf straight from the request's audit
+//! record ([`crate::otlp`]) into a bounded queue of bytes; an export thread
+//! sends the queue on a clock, over gRPC (tonic) or HTTP (reqwest). A slow
+//! or absent collector costs dropped spans (counted in
 //! `tether_spans_dropped_total`), never a slower request.
+//!
+//! The SDK still does what it is best at here: W3C trace-context
+//! propagation and random ids. Its span objects and exporter are not used:
+//! they copied every attribute twice per request (see [`crate::otlp`]).
 
-use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context as _;
+use bytes::Buf as _;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
-};
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{Protocol, WithExportConfig};
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
+use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
-};
-use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use pingora_http::RequestHeader;
 use prometheus::IntCounter;
 use tether_config::OtlpProtocol;
 use tether_filters::record::AuditRecord;
 
-/// A request's span while the request runs.
-pub type RequestSpan = opentelemetry_sdk::trace::Span;
+use crate::otlp::{self, SpanHeader};
+
+/// How long one export may take before it counts as failed.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Spans that wake the export thread before its interval is up: memory
+/// stays at a batch or so under load, whatever the interval.
+const EXPORT_BATCH: usize = 512;
 
 /// Span export, or nothing when no collector is configured.
 pub struct Telemetry {
     inner: Option<Exporting>,
     propagator: TraceContextPropagator,
+    ids: RandomIdGenerator,
 }
 
 struct Exporting {
-    provider: SdkTracerProvider,
-    tracer: SdkTracer,
-    // Holds the tonic channel's tasks; dropped last.
+    shared: Arc<Shared>,
+    thread: std::thread::Thread,
+    // Runs the transport's connection tasks; dropped last.
     _runtime: tokio::runtime::Runtime,
+}
+
+/// A request's span while the request runs: its identity and start.
+pub struct RequestSpan {
+    context: SpanContext,
+    /// The caller's span, when it sent a `traceparent`.
+    parent: Option<opentelemetry::trace::SpanId>,
+    start: SystemTime,
 }
 
 impl Telemetry {
@@ -49,88 +64,95 @@ impl Telemetry {
         dropped: IntCounter,
     ) -> anyhow::Result<Telemetry> {
         let propagator = TraceContextPropagator::new();
+        let ids = RandomIdGenerator::default();
         let Some(otlp) = &config.otlp else {
             return Ok(Telemetry {
                 inner: None,
                 propagator,
+                ids,
             });
         };
-        // tonic needs a Tokio runtime for its connection tasks; a small one
-        // of its own keeps export off the proxy's worker threads.
+        // The transports need a Tokio runtime for their connections; a
+        // small one of its own keeps export off the proxy's worker threads.
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tether-otlp")
             .enable_all()
             .build()?;
-        let exporter = runtime.block_on(async {
-            match otlp.protocol {
-                OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(otlp.endpoint.clone())
-                    .with_timeout(Duration::from_secs(5))
-                    .build(),
-                OtlpProtocol::HttpProtobuf => {
-                    let endpoint = if otlp.endpoint.trim_end_matches('/').ends_with("/v1/traces") {
-                        otlp.endpoint.clone()
-                    } else {
-                        format!("{}/v1/traces", otlp.endpoint.trim_end_matches('/'))
-                    };
-                    opentelemetry_otlp::SpanExporter::builder()
-                        .with_http()
-                        .with_protocol(Protocol::HttpBinary)
-                        .with_endpoint(endpoint)
-                        .with_timeout(Duration::from_secs(5))
-                        .build()
-                }
-            }
-        })?;
-        let processor = ClockedBatchProcessor::start(
-            CountingExporter {
-                inner: exporter,
-                dropped: dropped.clone(),
-            },
-            runtime.handle().clone(),
-            otlp.max_queue,
-            Duration::from_millis(otlp.flush_interval_ms),
+        let transport = {
+            let _entered = runtime.enter();
+            Transport::new(otlp.protocol, &otlp.endpoint)?
+        };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queued::default()),
+            max_queue: otlp.max_queue,
+            service_name: config.service_name.clone(),
             dropped,
-        )?;
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .with_resource(
-                Resource::builder()
-                    .with_service_name(config.service_name.clone())
-                    .build(),
-            )
-            .build();
-        let tracer = provider.tracer("tether");
+            transport,
+            runtime: runtime.handle().clone(),
+            closing: AtomicBool::new(false),
+        });
+        let worker = shared.clone();
+        let interval = Duration::from_millis(otlp.flush_interval_ms);
+        let handle = std::thread::Builder::new()
+            .name("tether-spans".into())
+            .spawn(move || loop {
+                std::thread::park_timeout(interval);
+                worker.export_queued();
+                if worker.closing.load(Ordering::Acquire) {
+                    return;
+                }
+            })?;
         Ok(Telemetry {
             inner: Some(Exporting {
-                provider,
-                tracer,
+                shared,
+                thread: handle.thread().clone(),
                 _runtime: runtime,
             }),
             propagator,
+            ids,
         })
     }
 
     /// Starts the span of a request, as a child of the caller's
-    /// `traceparent` when it sent one.
+    /// `traceparent` when it sent one. The caller's sampling decision is
+    /// kept (parent-based, as the SDK's default sampler): an unsampled
+    /// trace is propagated, not exported.
     pub fn start(&self, req: &RequestHeader, started: SystemTime) -> Option<RequestSpan> {
-        let exporting = self.inner.as_ref()?;
-        let parent = self.propagator.extract(&HeaderExtractor(&req.headers));
-        let span = exporting
-            .tracer
-            .span_builder(req.method.to_string())
-            .with_kind(SpanKind::Server)
-            .with_start_time(started)
-            .start_with_context(&exporting.tracer, &parent);
-        Some(span)
+        self.inner.as_ref()?;
+        let caller = self.propagator.extract(&HeaderExtractor(&req.headers));
+        let caller = caller.span().span_context().clone();
+        let span_id = self.ids.new_span_id();
+        let (context, parent) = if caller.is_valid() {
+            let context = SpanContext::new(
+                caller.trace_id(),
+                span_id,
+                caller.trace_flags(),
+                false,
+                caller.trace_state().clone(),
+            );
+            (context, Some(caller.span_id()))
+        } else {
+            let context = SpanContext::new(
+                self.ids.new_trace_id(),
+                span_id,
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            );
+            (context, None)
+        };
+        Some(RequestSpan {
+            context,
+            parent,
+            start: started,
+        })
     }
 
     /// Adds the span's `traceparent` to the upstream request, so the API's
     /// own spans join the same trace.
     pub fn inject(&self, span: &RequestSpan, upstream: &mut RequestHeader) {
-        let cx = Context::new().with_remote_span_context(span.span_context().clone());
+        let cx = Context::new().with_remote_span_context(span.context.clone());
         let mut headers = Vec::new();
         self.propagator
             .inject_context(&cx, &mut HeaderInjector(&mut headers));
@@ -139,251 +161,220 @@ impl Telemetry {
         }
     }
 
-    /// Ends the span with the request's facts.
-    pub fn finish(&self, mut span: RequestSpan, record: &AuditRecord<'_>) {
-        let name = match record.route {
-            Some(route) => format!("{} {route}", record.method),
-            None => record.method.to_string(),
+    /// Ends the span with the request's facts: queues it for export.
+    pub fn finish(&self, span: RequestSpan, record: &AuditRecord<'_>) {
+        let Some(exporting) = &self.inner else {
+            return;
         };
-        span.update_name(name);
-        span.set_attributes(attributes(record));
-        if record.status >= 500 {
-            span.set_status(Status::error(record.reason));
+        if !span.context.is_sampled() {
+            return;
         }
-        span.end();
+        let header = SpanHeader {
+            context: &span.context,
+            parent: span.parent,
+            start: span.start,
+            end: SystemTime::now(),
+        };
+        let mut queue = exporting
+            .shared
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if queue.spans >= exporting.shared.max_queue {
+            drop(queue);
+            exporting.shared.dropped.inc();
+            return;
+        }
+        otlp::encode_span(&mut queue.bytes, &header, record);
+        queue.spans += 1;
+        if queue.spans.is_multiple_of(EXPORT_BATCH) {
+            drop(queue);
+            exporting.thread.unpark();
+        }
     }
 
     /// The trace id of a span, as 32 hex digits.
     pub fn trace_id(span: &RequestSpan) -> String {
-        span.span_context().trace_id().to_string()
+        span.context.trace_id().to_string()
     }
 
     /// Sends what is queued and stops export.
     pub fn shutdown(&self) {
         if let Some(exporting) = &self.inner {
-            if let Err(e) = exporting.provider.shutdown() {
-                log::warn!("OpenTelemetry shutdown: {e}");
+            exporting.shared.closing.store(true, Ordering::Release);
+            exporting.thread.unpark();
+            exporting.shared.export_queued();
+        }
+    }
+}
+
+/// Spans waiting for export, encoded.
+#[derive(Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    spans: usize,
+}
+
+struct Shared {
+    queue: Mutex<Queued>,
+    max_queue: usize,
+    service_name: String,
+    /// Spans lost: queue full, or export failed.
+    dropped: IntCounter,
+    transport: Transport,
+    runtime: tokio::runtime::Handle,
+    closing: AtomicBool,
+}
+
+impl Shared {
+    /// Sends everything queued as one request; a failure drops (and
+    /// counts) those spans rather than hold memory for a collector that
+    /// may not come back.
+    fn export_queued(&self) {
+        let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        if queued.spans == 0 {
+            return;
+        }
+        let spans = queued.spans as u64;
+        let body = otlp::export_request(&self.service_name, &queued.bytes);
+        drop(queued);
+        let sent = self.runtime.block_on(async {
+            tokio::time::timeout(EXPORT_TIMEOUT, self.transport.send(body))
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()))
+        });
+        if let Err(e) = sent {
+            self.dropped.inc_by(spans);
+            log::debug!("span export failed: {e}");
+        }
+    }
+}
+/// How spans reach the collector (plain HTTP: validation refuses TLS).
+enum Transport {
+    /// OTLP/gRPC: `TraceService/Export` over HTTP/2.
+    Grpc(tonic::client::Grpc<tonic::transport::Channel>),
+    /// OTLP/HTTP: a protobuf POST to `/v1/traces`.
+    Http {
+        client: reqwest::Client,
+        url: String,
+    },
+}
+
+/// The gRPC method of OTLP trace export.
+const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+impl Transport {
+    /// A transport to `endpoint`; connects on first use. Must be called
+    /// within a Tokio runtime.
+    fn new(protocol: OtlpProtocol, endpoint: &str) -> anyhow::Result<Transport> {
+        match protocol {
+            OtlpProtocol::Grpc => {
+                let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+                    .context("telemetry.otlp.endpoint")?
+                    .connect_timeout(EXPORT_TIMEOUT)
+                    .connect_lazy();
+                Ok(Transport::Grpc(tonic::client::Grpc::new(channel)))
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let base = endpoint.trim_end_matches('/');
+                let url = if base.ends_with("/v1/traces") {
+                    base.to_string()
+                } else {
+                    format!("{base}/v1/traces")
+                };
+                // reqwest is built without a crypto provider; it gets ours,
+                // unused, as the endpoint is plain HTTP.
+                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+                let client = reqwest::Client::builder()
+                    .tls_backend_preconfigured(tls)
+                    .connect_timeout(EXPORT_TIMEOUT)
+                    .build()
+                    .context("OTLP HTTP client")?;
+                Ok(Transport::Http { client, url })
+            }
+        }
+    }
+
+    /// Sends one `ExportTraceServiceRequest`.
+    async fn send(&self, body: Vec<u8>) -> Result<(), String> {
+        match self {
+            Transport::Grpc(grpc) => {
+                let mut grpc = grpc.clone();
+                grpc.ready().await.map_err(|e| e.to_string())?;
+                let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT);
+                grpc.unary(tonic::Request::new(body), path, EncodedCodec)
+                    .await
+                    .map(drop)
+                    .map_err(|status| status.to_string())
+            }
+            Transport::Http { client, url } => {
+                let response = client
+                    .post(url)
+                    .header("content-type", "application/x-protobuf")
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match response.status() {
+                    s if s.is_success() => Ok(()),
+                    s => Err(format!("the collector answered {s}")),
+                }
             }
         }
     }
 }
 
-/// Span attributes: HTTP semantic conventions, plus Tether's facts.
-fn attributes(r: &AuditRecord<'_>) -> Vec<KeyValue> {
-    let mut a = vec![
-        KeyValue::new("http.request.method", r.method.to_string()),
-        KeyValue::new("url.path", r.path.to_string()),
-        KeyValue::new("http.response.status_code", i64::from(r.status)),
-        KeyValue::new("tether.request_id", r.request_id.clone()),
-        KeyValue::new("tether.decision", r.decision),
-        KeyValue::new("tether.reason", r.reason),
-        KeyValue::new("tether.generation", r.generation as i64),
-    ];
-    let mut text = |key: &'static str, value: Option<&str>| {
-        if let Some(v) = value {
-            a.push(KeyValue::new(key, v.to_string()));
-        }
-    };
-    text("http.route", r.route);
-    text("client.address", r.client.as_deref());
-    text("gen_ai.agent.id", r.agent);
-    text("tether.identity_kind", r.identity_kind);
-    text("tether.owner", r.owner);
-    text("tether.team", r.team);
-    // The person the agents act for answers for the action too.
-    text("enduser.id", r.on_behalf_of);
-    text("tether.stage", r.stage);
-    text("tether.action", r.action.as_deref());
-    text("tether.resource", r.resource.as_deref());
-    text("mcp.method.name", r.mcp_method);
-    text("gen_ai.tool.name", r.tool);
-    if let Some(chain) = &r.delegation_chain {
-        a.push(KeyValue::new(
-            "tether.delegation.chain",
-            string_array(chain),
-        ));
-        // The chain starts with the subject; the depth counts agents.
-        a.push(KeyValue::new(
-            "tether.delegation.depth",
-            chain.len() as i64 - 1,
-        ));
+/// A gRPC codec for messages already encoded: the request goes as it is;
+/// the response (an `ExportTraceServiceResponse`) is read and ignored, a
+/// failure being reported in the gRPC status.
+#[derive(Debug, Clone, Copy)]
+struct EncodedCodec;
+
+impl tonic::codec::Codec for EncodedCodec {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = EncodedCodec;
+    type Decoder = EncodedCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedCodec
     }
-    if !r.policies.is_empty() {
-        a.push(KeyValue::new("tether.policies", string_array(r.policies)));
-    }
-    if let Some(shadow) = &r.shadow {
-        a.push(KeyValue::new("tether.shadow.decision", shadow.decision));
-    }
-    if let Some(cached) = r.cached {
-        a.push(KeyValue::new("tether.cached", cached));
-    }
-    a
-}
 
-fn string_array<S: AsRef<str>>(items: &[S]) -> opentelemetry::Value {
-    opentelemetry::Value::Array(
-        items
-            .iter()
-            .map(|s| s.as_ref().to_string().into())
-            .collect::<Vec<opentelemetry::StringValue>>()
-            .into(),
-    )
-}
-
-/// A batch span processor whose export thread wakes on a clock. The SDK's
-/// `BatchSpanProcessor` wakes its thread for every span ended (a futex
-/// wake-up per request, a few percent of the proxy's CPU); here ending a
-/// span only appends to a bounded queue, and the thread takes the whole
-/// queue every `interval`.
-struct ClockedBatchProcessor<E: SpanExporter> {
-    shared: Arc<Shared<E>>,
-    thread: std::thread::Thread,
-}
-
-/// Spans that wake the export thread before its interval is up.
-const EXPORT_BATCH: usize = 512;
-
-struct Shared<E> {
-    queue: Mutex<Vec<SpanData>>,
-    max_queue: usize,
-    /// Spans lost: queue full (here) or export failed (the exporter).
-    dropped: IntCounter,
-    exporter: Mutex<E>,
-    runtime: tokio::runtime::Handle,
-    closing: AtomicBool,
-}
-
-impl<E: SpanExporter + 'static> ClockedBatchProcessor<E> {
-    fn start(
-        exporter: E,
-        runtime: tokio::runtime::Handle,
-        max_queue: usize,
-        interval: Duration,
-        dropped: IntCounter,
-    ) -> std::io::Result<Self> {
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Vec::new()),
-            max_queue,
-            dropped,
-            exporter: Mutex::new(exporter),
-            runtime,
-            closing: AtomicBool::new(false),
-        });
-        let worker = shared.clone();
-        let handle = std::thread::Builder::new()
-            .name("tether-spans".into())
-            .spawn(move || loop {
-                std::thread::park_timeout(interval);
-                // A failed export is counted by the exporter; say why.
-                if let Err(e) = worker.export_queued() {
-                    log::debug!("span export failed: {e}");
-                }
-                if worker.closing.load(Ordering::Acquire) {
-                    return;
-                }
-            })?;
-        Ok(ClockedBatchProcessor {
-            shared,
-            thread: handle.thread().clone(),
-        })
+    fn decoder(&mut self) -> Self::Decoder {
+        EncodedCodec
     }
 }
 
-impl<E: SpanExporter> Shared<E> {
-    fn export_queued(&self) -> OTelSdkResult {
-        let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let exporter = self.exporter.lock().unwrap_or_else(|p| p.into_inner());
-        self.runtime.block_on(exporter.export(batch))
+impl tonic::codec::Encoder for EncodedCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        dst.put_slice(&item);
+        Ok(())
     }
 }
 
-impl<E: SpanExporter> fmt::Debug for ClockedBatchProcessor<E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ClockedBatchProcessor")
-    }
-}
+impl tonic::codec::Decoder for EncodedCodec {
+    type Item = ();
+    type Error = tonic::Status;
 
-impl<E: SpanExporter + 'static> SpanProcessor for ClockedBatchProcessor<E> {
-    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        let mut queue = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if queue.len() >= self.shared.max_queue {
-            drop(queue);
-            self.shared.dropped.inc();
-            return;
-        }
-        queue.push(span);
-        // A full batch goes at once (one wake-up per batch): memory stays
-        // at a batch or so under load, whatever the interval.
-        if queue.len().is_multiple_of(EXPORT_BATCH) {
-            drop(queue);
-            self.thread.unpark();
-        }
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.shared.export_queued()
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.shared.closing.store(true, Ordering::Release);
-        self.thread.unpark();
-        let result = self.shared.export_queued();
-        let exporter = self
-            .shared
-            .exporter
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        exporter.shutdown_with_timeout(timeout)?;
-        result
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        let mut exporter = self
-            .shared
-            .exporter
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        exporter.set_resource(resource);
-    }
-}
-
-/// Counts spans lost to failed exports.
-struct CountingExporter<E> {
-    inner: E,
-    dropped: IntCounter,
-}
-
-impl<E> fmt::Debug for CountingExporter<E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("CountingExporter")
-    }
-}
-
-impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let n = batch.len() as u64;
-        let result = self.inner.export(batch).await;
-        if result.is_err() {
-            self.dropped.inc_by(n);
-        }
-        result
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn force_flush(&self) -> Result<(), OTelSdkError> {
-        self.inner.force_flush()
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.inner.set_resource(resource);
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        src.advance(src.remaining());
+        Ok(Some(()))
     }
 }
 
@@ -404,5 +395,116 @@ struct HeaderInjector<'a>(&'a mut Vec<(String, String)>);
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
         self.0.push((key.to_string(), value));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tether_config::{Otlp, OtlpProtocol};
+
+    use super::*;
+    use crate::otlp::tests::record;
+
+    fn telemetry(
+        protocol: OtlpProtocol,
+        endpoint: String,
+        max_queue: usize,
+        flush_interval_ms: u64,
+    ) -> (Telemetry, IntCounter) {
+        let dropped = IntCounter::new("dropped", "dropped").expect("counter");
+        let config = tether_config::Telemetry {
+            otlp: Some(Otlp {
+                endpoint,
+                protocol,
+                max_queue,
+                flush_interval_ms,
+            }),
+            ..Default::default()
+        };
+        let telemetry = Telemetry::new(&config, dropped.clone()).expect("telemetry");
+        (telemetry, dropped)
+    }
+
+    fn request(traceparent: Option<&str>) -> RequestHeader {
+        let mut req =
+            RequestHeader::build("GET", b"/v1/repos/tether/issues", None).expect("request");
+        if let Some(tp) = traceparent {
+            req.insert_header("traceparent", tp).expect("header");
+        }
+        req
+    }
+
+    fn queued(telemetry: &Telemetry) -> usize {
+        let shared = &telemetry.inner.as_ref().expect("exporting").shared;
+        shared.queue.lock().expect("queue").spans
+    }
+
+    /// A loopback port nothing listens on.
+    fn closed_port() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn an_unsampled_caller_trace_is_propagated_not_exported() {
+        // The export thread never runs within the test (a long interval),
+        // so the queue shows exactly what `finish` kept.
+        let (telemetry, _) = telemetry(OtlpProtocol::Grpc, closed_port(), 16, 600_000);
+        let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let span = telemetry
+            .start(&request(Some(caller)), SystemTime::now())
+            .expect("a span");
+        let mut upstream = request(None);
+        telemetry.inject(&span, &mut upstream);
+        let sent = upstream.headers["traceparent"].to_str().expect("ascii");
+        assert!(
+            sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{sent}"
+        );
+        assert!(sent.ends_with("-00"), "unsampled stays unsampled: {sent}");
+        assert!(
+            !sent.contains("00f067aa0ba902b7"),
+            "our span is the API's parent: {sent}"
+        );
+        let policies = Vec::new();
+        telemetry.finish(span, &record(&policies, None));
+        assert_eq!(queued(&telemetry), 0);
+        let sampled = telemetry
+            .start(
+                &request(Some(&caller.replace("-00", "-01"))),
+                SystemTime::now(),
+            )
+            .expect("a span");
+        telemetry.finish(sampled, &record(&policies, None));
+        let root = telemetry
+            .start(&request(None), SystemTime::now())
+            .expect("a span");
+        assert!(root.parent.is_none() && root.context.is_sampled());
+        assert_eq!(queued(&telemetry), 1, "a sampled caller's span is queued");
+    }
+
+    #[test]
+    fn spans_a_collector_never_takes_are_dropped_and_counted() {
+        for protocol in [OtlpProtocol::Grpc, OtlpProtocol::HttpProtobuf] {
+            let (telemetry, dropped) = telemetry(protocol, closed_port(), 2, 20);
+            let policies = Vec::new();
+            for _ in 0..3 {
+                let span = telemetry
+                    .start(&request(None), SystemTime::now())
+                    .expect("a span");
+                telemetry.finish(span, &record(&policies, None));
+            }
+            // One over the queue's bound at once; the two queued when the
+            // export to the closed port fails.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while dropped.get() < 3 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(dropped.get(), 3, "{protocol:?}");
+            assert_eq!(queued(&telemetry), 0, "{protocol:?}: nothing held");
+            telemetry.shutdown();
+        }
     }
 }
