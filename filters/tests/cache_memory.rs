@@ -17,14 +17,16 @@ mod world;
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-/// Bytes a cached decision may hold, allocator rounding aside: the key,
-/// a pointer to a shared decision, and moka's bookkeeping (about 230 bytes
-/// of it), amortized with its frequency sketch. Measured: 410.
-const BUDGET_PER_DECISION: usize = 448;
+/// Bytes a cached decision may hold, allocator rounding aside: the key
+/// (128 bytes, and the resource id's own allocation when it is over 23
+/// bytes), a pointer to a shared decision and its deadline, and the
+/// cache's slab and index. Measured: 256, so 100,000 take 25 MiB. (With
+/// moka and the old key it was about 900.)
+const BUDGET_PER_DECISION: usize = 288;
 
 #[test]
 fn a_cached_decision_stays_within_its_memory_budget() {
-    const DECISIONS: usize = 20_000;
+    const DECISIONS: usize = 100_000;
     let world = world::World::new(10);
     // Sized as the proxy sizes it from the config's defaults (100,000
     // decisions), so the frequency sketch is the one production carries,
@@ -49,12 +51,18 @@ fn a_cached_decision_stays_within_its_memory_budget() {
     }
     // Drop what the test holds, so only the cache's own share remains.
     drop(decisions);
-    assert_eq!(cache.entry_count(), DECISIONS as u64, "nothing evicted");
+    // The cache's bound is approximate (quick_cache evicts as each shard
+    // fills): nearly all of them are held.
+    let held_decisions = cache.entry_count() as usize;
+    assert!(
+        held_decisions >= DECISIONS * 99 / 100,
+        "{held_decisions} held"
+    );
     let change = region.change();
     // Reallocations are already counted in both totals.
     let held = change.bytes_allocated as isize - change.bytes_deallocated as isize;
-    let per_decision = held as usize / DECISIONS;
-    println!("{per_decision} bytes per cached decision ({held} for {DECISIONS})");
+    let per_decision = held as usize / held_decisions;
+    println!("{per_decision} bytes per cached decision ({held} for {held_decisions})");
     assert!(
         per_decision <= BUDGET_PER_DECISION,
         "{per_decision} bytes per cached decision, over the budget of {BUDGET_PER_DECISION}"
