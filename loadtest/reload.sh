@@ -10,13 +10,8 @@
 # a reload must fail no request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=loadtest/work
-CHECKED=$WORK/check/tether.yaml
-TETHER=${TETHER_BIN:-target/loadtest/release/tether}
-OHA=target/tools/bin/oha
-for f in "$CHECKED" "$TETHER" "$OHA" "$WORK/upstream/nginx.conf"; do
-    [ -e "$f" ] || { echo "missing $f: run python3 loadtest/run.py --quick first" >&2; exit 1; }
-done
+. loadtest/common.sh
+require "$CHECKED" "$TETHER" "$OHA" "$WORK/upstream/nginx.conf"
 
 DIR=$WORK/reload
 rm -rf "$DIR" && mkdir -p "$DIR/policies"
@@ -32,20 +27,12 @@ with open(sys.argv[1], "w") as f:
 EOF
 sed -e "s#^\(  policies:\).*#\1 $PWD/$DIR/policies#" \
     -e "s#^\(  output:\).*#\1 $PWD/$DIR/audit.log#" "$CHECKED" > "$DIR/tether.yaml"
-# conf/tether.yaml names the listener's address first, then the admin's.
-port() { grep -m "$1" '^  address: 127.0.0.1:' "$DIR/tether.yaml" | tail -1 | sed 's/.*127.0.0.1://'; }
-LISTEN=$(port 1) ADMIN=$(port 2)
+LISTEN=$(port "$DIR/tether.yaml" 1) ADMIN=$(port "$DIR/tether.yaml" 2)
 
-nginx -e "$PWD/$WORK/upstream/error.log" -p "$PWD/$WORK/upstream" -c "$PWD/$WORK/upstream/nginx.conf" &
-UPSTREAM=$!
-START=$(date +%s%N)
-RUST_LOG=warn "$TETHER" run --config "$DIR/tether.yaml" > "$DIR/tether.log" 2>&1 &
-PROXY=$!
+start_upstream
 trap 'kill -INT $PROXY 2>/dev/null; kill $UPSTREAM 2>/dev/null; wait 2>/dev/null' EXIT
-until curl -sf -o /dev/null "http://127.0.0.1:$ADMIN/readyz"; do
-    kill -0 $PROXY 2>/dev/null || { cat "$DIR/tether.log"; exit 1; }
-    sleep 0.005
-done
+START=$(date +%s%N)
+start_tether "$DIR/tether.yaml" "$ADMIN"
 echo "start to ready with $(grep -c '^@id' "$DIR"/policies/*.cedar | awk -F: '{s+=$2} END {print s}') policies: $((($(date +%s%N) - START) / 1000000)) ms"
 
 "$OHA" --no-tui -z 8s -q 500 -c 8 --worker-threads 1 --cacert $WORK/certs/ca.pem \

@@ -144,11 +144,13 @@ fn string_array_attribute<S: AsRef<str>>(b: &mut Vec<u8>, key: &str, items: &[S]
     });
 }
 
-/// An `ExportTraceServiceRequest` of one resource (`service.name`) and one
-/// scope (`tether`), around `spans` as [`encode_span`] wrote them.
-pub fn export_request(service_name: &str, spans: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(spans.len() + 128);
-    nested(&mut out, 1, |resource_spans| {
+/// Writes into `out` (cleared first) an `ExportTraceServiceRequest` of
+/// one resource (`service.name`) and one scope (`tether`), around `spans`
+/// as [`encode_span`] wrote them.
+pub fn export_request(out: &mut Vec<u8>, service_name: &str, spans: &[u8]) {
+    out.clear();
+    out.reserve(spans.len() + 128);
+    nested(out, 1, |resource_spans| {
         nested(resource_spans, 1, |resource| {
             attribute_in(resource, 1, "service.name", |av| {
                 string(av, 1, service_name)
@@ -162,7 +164,6 @@ pub fn export_request(service_name: &str, spans: &[u8]) -> Vec<u8> {
             scope_spans.extend_from_slice(spans);
         });
     });
-    out
 }
 
 /// A length-delimited field whose body `body` writes. Bodies are written
@@ -308,7 +309,8 @@ pub(crate) mod tests {
         denied.reason = "upstream_unavailable";
         encode_span(&mut spans, &header, &denied);
 
-        let body = export_request("tether-test", &spans);
+        let mut body = vec![1, 2, 3]; // cleared before use
+        export_request(&mut body, "tether-test", &spans);
         let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("valid OTLP");
         let [resource_spans] = request.resource_spans.as_slice() else {
             panic!("one resource: {request:?}");
@@ -414,8 +416,9 @@ pub(crate) mod tests {
         };
         let mut spans = Vec::new();
         encode_span(&mut spans, &header, &record(&[], None));
-        let request = ExportTraceServiceRequest::decode(export_request("t", &spans).as_slice())
-            .expect("valid OTLP");
+        let mut body = Vec::new();
+        export_request(&mut body, "t", &spans);
+        let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("valid OTLP");
         let span = &request.resource_spans[0].scope_spans[0].spans[0];
         assert!(span.parent_span_id.is_empty());
         assert_eq!(span.flags, 0x101, "local root, sampled");

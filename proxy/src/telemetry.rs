@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use bytes::Buf as _;
+use bytes::{Buf as _, Bytes};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
 use opentelemetry::Context;
@@ -85,6 +85,7 @@ impl Telemetry {
         };
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queued::default()),
+            buffers: Mutex::new(ExportBuffers::default()),
             max_queue: otlp.max_queue,
             service_name: config.service_name.clone(),
             dropped,
@@ -215,8 +216,21 @@ struct Queued {
     spans: usize,
 }
 
+#[derive(Default)]
+struct ExportBuffers {
+    /// Swapped with the queue's buffer at each export.
+    spans: Vec<u8>,
+    /// The request; lent to the transport as `Bytes` and taken back.
+    body: Vec<u8>,
+}
+
 struct Shared {
     queue: Mutex<Queued>,
+    /// The exporter's buffers, kept with their capacity from one export
+    /// to the next: in steady state an export allocates nothing, and no
+    /// large buffer is freed on a thread other than the one that made it
+    /// (which costs the allocator pages it is slow to take back).
+    buffers: Mutex<ExportBuffers>,
     max_queue: usize,
     service_name: String,
     /// Spans lost: queue full, or export failed.
@@ -231,24 +245,37 @@ impl Shared {
     /// counts) those spans rather than hold memory for a collector that
     /// may not come back.
     fn export_queued(&self) {
-        let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
-        if queued.spans == 0 {
+        let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        let ExportBuffers { spans, body } = &mut *buffers;
+        let count = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            // The queue gets the (empty) buffer of the previous export.
+            std::mem::swap(&mut queue.bytes, spans);
+            std::mem::take(&mut queue.spans)
+        };
+        if count == 0 {
             return;
         }
-        let spans = queued.spans as u64;
-        let body = otlp::export_request(&self.service_name, &queued.bytes);
-        drop(queued);
+        otlp::export_request(body, &self.service_name, spans);
+        spans.clear();
+        let lent = Bytes::from(std::mem::take(body));
         let sent = self.runtime.block_on(async {
-            tokio::time::timeout(EXPORT_TIMEOUT, self.transport.send(body))
+            tokio::time::timeout(EXPORT_TIMEOUT, self.transport.send(lent.clone()))
                 .await
                 .unwrap_or_else(|_| Err("timed out".into()))
         });
+        // The transport has let go of the body unless the send was cut
+        // short; then the next export starts a new one.
+        if let Ok(back) = lent.try_into_mut() {
+            *body = back.into();
+        }
         if let Err(e) = sent {
-            self.dropped.inc_by(spans);
+            self.dropped.inc_by(count as u64);
             log::debug!("span export failed: {e}");
         }
     }
 }
+
 /// How spans reach the collector (plain HTTP: validation refuses TLS).
 enum Transport {
     /// OTLP/gRPC: `TraceService/Export` over HTTP/2.
@@ -301,7 +328,7 @@ impl Transport {
     }
 
     /// Sends one `ExportTraceServiceRequest`.
-    async fn send(&self, body: Vec<u8>) -> Result<(), String> {
+    async fn send(&self, body: Bytes) -> Result<(), String> {
         match self {
             Transport::Grpc(grpc) => {
                 let mut grpc = grpc.clone();
@@ -336,7 +363,7 @@ impl Transport {
 struct EncodedCodec;
 
 impl tonic::codec::Codec for EncodedCodec {
-    type Encode = Vec<u8>;
+    type Encode = Bytes;
     type Decode = ();
     type Encoder = EncodedCodec;
     type Decoder = EncodedCodec;
@@ -351,12 +378,12 @@ impl tonic::codec::Codec for EncodedCodec {
 }
 
 impl tonic::codec::Encoder for EncodedCodec {
-    type Item = Vec<u8>;
+    type Item = Bytes;
     type Error = tonic::Status;
 
     fn encode(
         &mut self,
-        item: Vec<u8>,
+        item: Bytes,
         dst: &mut tonic::codec::EncodeBuf<'_>,
     ) -> Result<(), tonic::Status> {
         use bytes::BufMut as _;

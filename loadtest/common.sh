@@ -1,0 +1,35 @@
+# Shared by the scripts that run after `python3 loadtest/run.py` (reload.sh,
+# memory.sh): that run's files, and starting the upstream and Tether.
+# Source it from the repository root.
+WORK=loadtest/work
+CHECKED=$WORK/check/tether.yaml
+TETHER=${TETHER_BIN:-target/loadtest/release/tether}
+OHA=target/tools/bin/oha
+
+# Fails unless every named file exists.
+require() {
+    for f in "$@"; do
+        [ -e "$f" ] || { echo "missing ${f:-a file}: run python3 loadtest/run.py --quick first" >&2; exit 1; }
+    done
+}
+
+# The port of the Nth `address: 127.0.0.1:` line of a config: the
+# listener's is first, the admin's second.
+port() { grep -m "$2" '^  address: 127.0.0.1:' "$1" | tail -1 | sed 's/.*127.0.0.1://'; }
+
+# Starts the run's upstream nginx; sets UPSTREAM to its pid.
+start_upstream() {
+    nginx -e "$PWD/$WORK/upstream/error.log" -p "$PWD/$WORK/upstream" -c "$PWD/$WORK/upstream/nginx.conf" &
+    UPSTREAM=$!
+}
+
+# Starts Tether with config $1 (log beside it) and waits until its admin
+# port $2 answers /readyz; sets PROXY to its pid.
+start_tether() {
+    RUST_LOG=warn "$TETHER" run --config "$1" > "$(dirname "$1")/tether.log" 2>&1 &
+    PROXY=$!
+    until curl -sf -o /dev/null "http://127.0.0.1:$2/readyz"; do
+        kill -0 $PROXY 2>/dev/null || { cat "$(dirname "$1")/tether.log"; exit 1; }
+        sleep 0.005
+    done
+}
