@@ -537,6 +537,32 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_drops_and_counts_every_line_it_cannot_hold() {
+        let metrics = Metrics::new().expect("metrics");
+        let path =
+            std::env::temp_dir().join(format!("tether-audit-full-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        // A queue with no room: whatever the writer's timing, every line
+        // is dropped and counted, and nothing reaches the file.
+        let (sink, handle) = AuditSink::start(
+            path.to_str().expect("utf-8"),
+            0,
+            metrics.audit_dropped.clone(),
+        )
+        .expect("sink");
+        let ctx = testing::ctx();
+        for _ in 0..3 {
+            sink.write(&AuditRecord::new(&ctx, "GET", Reason::NoRoute, 403, None));
+        }
+        drop(sink);
+        handle.join().expect("writer");
+        let text = std::fs::read_to_string(&path).expect("audit file");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(metrics.audit_dropped.get(), 3);
+        assert_eq!(text, "");
+    }
+
+    #[test]
     fn metrics_count_by_reason() {
         let m = Metrics::new().expect("metrics");
         m.observe(Reason::Allowed, Duration::from_micros(50));
