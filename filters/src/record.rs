@@ -510,26 +510,35 @@ mod tests {
         assert_eq!(record.agent, None);
     }
 
-    #[test]
-    fn the_sink_writes_lines_and_counts_what_it_drops() {
+    /// Sends `lines` records through a sink holding at most `max_queue`,
+    /// closes it, and returns what reached the file and how many it
+    /// counted as dropped.
+    fn through_a_sink(name: &str, max_queue: usize, lines: usize) -> (String, u64) {
         let metrics = Metrics::new().expect("metrics");
-        let path = std::env::temp_dir().join(format!("tether-audit-{}.log", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("tether-audit-{name}-{}.log", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let (sink, handle) = AuditSink::start(
             path.to_str().expect("utf-8"),
-            4,
+            max_queue,
             metrics.audit_dropped.clone(),
         )
         .expect("sink");
         let ctx = testing::ctx();
-        for _ in 0..3 {
+        for _ in 0..lines {
             sink.write(&AuditRecord::new(&ctx, "GET", Reason::NoRoute, 403, None));
         }
         drop(sink);
         handle.join().expect("writer");
         let text = std::fs::read_to_string(&path).expect("audit file");
         let _ = std::fs::remove_file(&path);
-        assert_eq!(text.lines().count() as u64 + metrics.audit_dropped.get(), 3);
+        (text, metrics.audit_dropped.get())
+    }
+
+    #[test]
+    fn the_sink_writes_lines_and_counts_what_it_drops() {
+        let (text, dropped) = through_a_sink("some", 4, 3);
+        assert_eq!(text.lines().count() as u64 + dropped, 3);
         for line in text.lines() {
             let v: serde_json::Value = serde_json::from_str(line).expect("json line");
             assert_eq!(v["reason"], "no_route");
@@ -538,27 +547,10 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts_every_line_it_cannot_hold() {
-        let metrics = Metrics::new().expect("metrics");
-        let path =
-            std::env::temp_dir().join(format!("tether-audit-full-{}.log", std::process::id()));
-        let _ = std::fs::remove_file(&path);
         // A queue with no room: whatever the writer's timing, every line
         // is dropped and counted, and nothing reaches the file.
-        let (sink, handle) = AuditSink::start(
-            path.to_str().expect("utf-8"),
-            0,
-            metrics.audit_dropped.clone(),
-        )
-        .expect("sink");
-        let ctx = testing::ctx();
-        for _ in 0..3 {
-            sink.write(&AuditRecord::new(&ctx, "GET", Reason::NoRoute, 403, None));
-        }
-        drop(sink);
-        handle.join().expect("writer");
-        let text = std::fs::read_to_string(&path).expect("audit file");
-        let _ = std::fs::remove_file(&path);
-        assert_eq!(metrics.audit_dropped.get(), 3);
+        let (text, dropped) = through_a_sink("full", 0, 3);
+        assert_eq!(dropped, 3);
         assert_eq!(text, "");
     }
 
