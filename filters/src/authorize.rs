@@ -549,6 +549,29 @@ struct Cached {
     expires_ms: u64,
 }
 
+/// Keys recently evicted that the cache remembers (CLOCK-PRO's ghosts),
+/// as a share of `max_entries`: one seen again comes back as hot. Each
+/// takes a full slot, so quick_cache's default (half) would add half the
+/// cache's memory once it starts evicting; a tenth still brings back the
+/// keys evicted most recently, at a fifth of that cost.
+const GHOST_SHARE: f64 = 0.1;
+
+/// A cache of at most `max_entries` decisions.
+fn bounded_cache(max_entries: usize) -> quick_cache::sync::Cache<DecisionInput, Cached> {
+    let options = quick_cache::OptionsBuilder::new()
+        .estimated_items_capacity(max_entries)
+        .weight_capacity(max_entries as u64)
+        .ghost_allocation(GHOST_SHARE)
+        .build()
+        .expect("both capacities are set");
+    quick_cache::sync::Cache::with_options(
+        options,
+        Default::default(),
+        Default::default(),
+        Default::default(),
+    )
+}
+
 /// Most distinct decisions held for sharing. Past it the set starts over:
 /// sharing is lost for a while, correctness never (entries hold their own
 /// `Arc`s).
@@ -563,9 +586,7 @@ impl DecisionCache {
         misses: IntCounter,
     ) -> DecisionCache {
         DecisionCache {
-            cache: quick_cache::sync::Cache::new(
-                usize::try_from(max_entries).unwrap_or(usize::MAX).max(1),
-            ),
+            cache: bounded_cache(usize::try_from(max_entries).unwrap_or(usize::MAX).max(1)),
             interned: Mutex::new(HashSet::new()),
             ttl,
             born: Instant::now(),
