@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the request path, without network: the whole filter
-//! chain, a decision-cache hit, uncached Cedar evaluation as the policy set
+//! chain, a decision-cache hit, a request's audit line, uncached Cedar evaluation as the policy set
 //! grows, and SPIFFE ID extraction from an X.509-SVID.
 //!
 //! Everything is generated here at bench time from the crate's public API;
@@ -15,8 +15,8 @@ use tether_filters::identity::jwks::{KeySet, KeySource};
 use tether_filters::identity::jwt::TokenVerifier;
 use tether_filters::identity::mint::Minter;
 use tether_filters::identity::PeerIdentity;
-use tether_filters::record::Metrics;
-use tether_filters::Progress;
+use tether_filters::record::{AuditRecord, Metrics};
+use tether_filters::{Progress, Reason};
 
 mod world;
 
@@ -49,6 +49,32 @@ fn whole_chain_on_cache_hit(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+}
+
+/// The audit line of an allowed request: the record built from the
+/// request's context and written as JSON into a reused buffer, as the
+/// audit sink writes it.
+fn audit_line(c: &mut Criterion) {
+    let world = World::new(CHAIN_WORLD_POLICIES);
+    let metrics = metrics();
+    let chain = world.chain(world.cache(&metrics), &metrics);
+    let (mut req, mut ctx) = world.request();
+    assert_eq!(chain.run(&mut req, &mut ctx), Ok(Progress::Done));
+    let mut line = Vec::with_capacity(4096);
+
+    c.bench_function("record/audit_line", |b| {
+        b.iter(|| {
+            line.clear();
+            let record = AuditRecord::new(&ctx, "GET", Reason::Allowed, 200, None);
+            serde_json::to_writer(&mut line, &record).expect("json");
+            black_box(line.len())
+        })
+    });
+    assert!(
+        line.starts_with(b"{\"time\":"),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
 }
 
 /// `DecisionCache::decide` for an input already cached. The input is cloned
@@ -159,6 +185,7 @@ criterion_group!(
     benches,
     whole_chain_on_cache_hit,
     decision_cache_hit,
+    audit_line,
     cedar_evaluation_by_policy_count,
     svid_spiffe_id_extraction,
     jwt_svid_verification,
