@@ -5,6 +5,7 @@
 //! line is it serialized, and the proxy's span attributes are read from it,
 //! so the two can never disagree.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -219,7 +220,7 @@ pub struct AuditRecord<'a> {
     /// The matched route template.
     pub route: Option<&'a str>,
     /// The Cedar action.
-    pub action: Option<String>,
+    pub action: Option<Cow<'a, str>>,
     /// The Cedar resource.
     pub resource: Option<String>,
     /// The JSON-RPC method, on MCP routes.
@@ -293,8 +294,8 @@ impl<'a> AuditRecord<'a> {
             method,
             path: &ctx.path,
             route: template,
-            action: matched.map(|(m, r)| r.action_uid(m).to_string()),
-            resource: matched.and_then(|(m, r)| Some(r.resource_uid(m)?.to_string())),
+            action: matched.map(|(m, r)| r.action_text(m)),
+            resource: matched.and_then(|(m, r)| r.resource_text(m)),
             mcp_method: ctx.mcp.as_ref().map(|m| m.method.as_str()),
             tool: ctx.mcp.as_ref().and_then(|m| m.tool.as_deref()),
             policies: ctx.decision.as_deref().map_or(&[], |d| &d.policies),

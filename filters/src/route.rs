@@ -1,6 +1,7 @@
 //! What the request does, in Cedar's terms: method and normalized path
 //! matched against route templates give an action and a resource.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use cedar_policy::{EntityId, EntityTypeName, EntityUid};
@@ -82,6 +83,12 @@ pub struct CompiledRoute {
     pub mcp: Option<McpRoute>,
     /// The resource's attributes, from the route.
     pub resource_attributes: HashMap<String, RestrictedExpression>,
+    /// `action_uid` as Cedar writes it, and the start of a resource's
+    /// (`Type::"`) and of a tool's: written once here, so a request's
+    /// record copies text instead of building and formatting entity ids.
+    action_text: Arc<str>,
+    resource_prefix: Box<str>,
+    tool_prefix: Option<Box<str>>,
     hosts: Option<Vec<HostPattern>>,
     methods: Option<Vec<String>>,
     segments: Vec<Segment>,
@@ -122,6 +129,30 @@ impl CompiledRoute {
                 EntityId::new(&*m.action),
             )
         }
+    }
+
+    /// [`Self::action_uid`] as Cedar writes it (`Action::"ListIssues"`).
+    pub fn action_text(&self, m: &RouteMatch) -> Cow<'_, str> {
+        if m.action == self.action {
+            Cow::Borrowed(&self.action_text)
+        } else {
+            Cow::Owned(self.action_uid(m).to_string())
+        }
+    }
+
+    /// [`Self::resource_uid`] as Cedar writes it (`Repo::"tether"`).
+    pub fn resource_text(&self, m: &RouteMatch) -> Option<String> {
+        let prefix = if m.resource.tool {
+            self.tool_prefix.as_deref()?
+        } else {
+            &self.resource_prefix
+        };
+        let mut text = String::with_capacity(prefix.len() + m.resource.id.len() + 1);
+        text.push_str(prefix);
+        // Escaped as Cedar's `Display` for an entity id escapes it.
+        text.extend(m.resource.id.escape_debug());
+        text.push('"');
+        Some(text)
     }
 
     /// The type of the resource `m` names; `None` for a tool on a route
@@ -330,10 +361,14 @@ fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
     let resource_type: EntityTypeName = qualified(namespace, &r.resource.entity_type)
         .parse()
         .map_err(|e| format!("`{}`: {e}", r.resource.entity_type))?;
+    let action_uid = EntityUid::from_type_name_and_id(action_type, EntityId::new(&action));
     Ok(CompiledRoute {
         template: r.path.as_str().into(),
-        action_uid: EntityUid::from_type_name_and_id(action_type, EntityId::new(&action)),
+        action_text: action_uid.to_string().into(),
+        action_uid,
         action: action.into(),
+        resource_prefix: format!("{resource_type}::\"").into(),
+        tool_prefix: mcp.as_ref().map(|m| format!("{}::\"", m.tool_type).into()),
         resource_type,
         mcp,
         resource_attributes,
@@ -472,6 +507,56 @@ mod tests {
         let r = t.get(0).expect("route");
         assert_eq!(r.action_uid.to_string(), r#"Api::Action::"Read""#);
         assert_eq!(r.resource_type.to_string(), "Api::Doc");
+    }
+
+    #[test]
+    fn recorded_actions_and_resources_are_written_as_cedar_writes_them() {
+        let routes: Vec<Route> = serde_json::from_value(serde_json::json!([
+            {"method": "GET", "path": "/x/{id}", "action": "Read", "resource": {"type": "Doc", "id": "{id}"}},
+            {"method": "POST", "path": "/mcp", "mcp": {}, "resource": {"type": "Server", "id": "s"}}
+        ]))
+        .expect("routes");
+        let t = RouteTable::new(&routes, "Api").expect("compiles");
+        let ids = [
+            "plain",
+            "with \"quotes\"",
+            r"back\slash",
+            "line\nbreak",
+            "zürich ✓",
+            "",
+        ];
+        for (index, action, tool) in [
+            (0, "Read", false),
+            (1, "tools/call", false),
+            (1, "tools/call", true),
+        ] {
+            let r = t.get(index).expect("route");
+            for action in [action, "Other \"one\""] {
+                for id in ids {
+                    let m = RouteMatch {
+                        index,
+                        action: action.into(),
+                        resource: ResourceRef {
+                            tool,
+                            id: id.into(),
+                        },
+                    };
+                    assert_eq!(r.action_text(&m), r.action_uid(&m).to_string());
+                    let resource = r.resource_uid(&m).map(|u| u.to_string());
+                    assert_eq!(r.resource_text(&m), resource, "{id:?}");
+                }
+            }
+        }
+        // A tool on a route that is not an MCP route names no resource.
+        let m = RouteMatch {
+            index: 0,
+            action: "Read".into(),
+            resource: ResourceRef {
+                tool: true,
+                id: "t".into(),
+            },
+        };
+        assert_eq!(t.get(0).expect("route").resource_text(&m), None);
     }
 
     #[test]
