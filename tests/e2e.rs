@@ -71,6 +71,45 @@ fn a_request_policy_forbids_is_refused_without_revealing_the_policy() {
 }
 
 #[test]
+fn a_refusal_keeps_the_connection_unless_it_leaves_a_body_unread() {
+    let w = World::new();
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    w.rt.block_on(async {
+        let mut conn = client.connect().await.expect("connect");
+        // Refused with nothing left to read: the same connection goes on.
+        let r = conn.send("DELETE", "/v1/repos/tether").await.expect("r");
+        assert_refused(&r, 403, "policy_denied");
+        assert_ne!(r.header("connection"), Some("close"), "{r:?}");
+        let r = conn.send("GET", "/nowhere").await.expect("r");
+        assert_refused(&r, 403, "no_route");
+        let r = conn
+            .send("GET", "/v1/repos/tether/issues")
+            .await
+            .expect("r");
+        assert_eq!(r.status, 200, "{r:?}");
+
+        // Refused before its body was read: closed, so the body (here a
+        // request of its own) is never read as the next request.
+        let smuggled = b"GET /v1/repos/tether/issues HTTP/1.1\r\nhost: x\r\n\r\n";
+        let r = conn
+            .send_body("DELETE", "/v1/repos/tether", smuggled)
+            .await
+            .expect("r");
+        assert_refused(&r, 403, "policy_denied");
+        assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+        let after = conn.send("GET", "/v1/repos/tether/issues").await;
+        assert!(after.is_err(), "{after:?}");
+    });
+    let lines = w.sandbox.audit_lines(4);
+    let reasons: Vec<_> = lines.iter().map(|l| l["reason"].clone()).collect();
+    assert_eq!(
+        reasons,
+        ["policy_denied", "no_route", "allowed", "policy_denied"],
+        "{lines:?}"
+    );
+}
+
+#[test]
 fn lifecycle_refusals_unregistered_expired_suspended_offboarded() {
     let w = World::with(|c| {
         c.registry.agents.push(agent(

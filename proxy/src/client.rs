@@ -180,8 +180,23 @@ impl Connection {
 
     /// Sends a request on this connection and reads its response.
     pub async fn send(&mut self, method: &str, path: &str) -> anyhow::Result<Response> {
-        let request = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.host);
+        self.send_body(method, path, b"").await
+    }
+
+    /// [`Self::send`] with a body (framed by `content-length`).
+    pub async fn send_body(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<Response> {
+        let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\n", self.host);
+        if !body.is_empty() {
+            request.push_str(&format!("content-length: {}\r\n", body.len()));
+        }
+        request.push_str("\r\n");
         self.tls.write_all(request.as_bytes()).await?;
+        self.tls.write_all(body).await?;
         self.tls.flush().await?;
         loop {
             if let Some(head_end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {

@@ -69,23 +69,35 @@ impl TetherProxy {
     ) -> Result<bool> {
         ctx.req.denied_by = Some(stage);
         ctx.req.denial = Some(denial.clone());
-        self.refuse(session, ctx, &denial).await?;
+        self.refuse(session, ctx, &denial).await;
         Ok(true)
     }
 
-    async fn refuse(&self, session: &mut Session, ctx: &Ctx, denial: &Denial) -> Result<()> {
-        let request_id = ctx.req.request_id.to_string();
-        let body = Bytes::from(ctx.req.refusal_body(denial));
-        let mut resp = ResponseHeader::build(denial.reason.status(), Some(4))?;
-        resp.insert_header("content-type", "application/json")?;
-        resp.insert_header("content-length", body.len().to_string())?;
-        resp.insert_header(REQUEST_ID_HEADER, request_id)?;
-        // A refused request's body may be unread: closing the connection is
-        // the one safe way not to read it as the next request.
-        session.set_keepalive(None);
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await
+    /// Answers a refusal. The decision is made and recorded whether or not
+    /// the client is still there to read it: a failed write is logged, and
+    /// never turns the record into a proxy error.
+    ///
+    /// The connection is kept, so a client refused again and again does
+    /// not pay a handshake each time, unless the refusal leaves a request
+    /// body unread: pingora then closes it (its default
+    /// `close_on_response_before_downstream_finish`), so the body is never
+    /// read as the next request. `tests/e2e.rs` holds both.
+    async fn refuse(&self, session: &mut Session, ctx: &Ctx, denial: &Denial) {
+        if let Err(e) = write_refusal(session, ctx, denial).await {
+            log::debug!("cannot send the refusal: {e}");
+        }
     }
+}
+
+async fn write_refusal(session: &mut Session, ctx: &Ctx, denial: &Denial) -> Result<()> {
+    let request_id = ctx.req.request_id.to_string();
+    let body = Bytes::from(ctx.req.refusal_body(denial));
+    let mut resp = ResponseHeader::build(denial.reason.status(), Some(4))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header(REQUEST_ID_HEADER, request_id)?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
 }
 
 #[async_trait]
@@ -145,7 +157,7 @@ impl ProxyHttp for TetherProxy {
                     resume_at
                 }
                 Err(denial) => {
-                    self.refuse(session, ctx, &denial).await?;
+                    self.refuse(session, ctx, &denial).await;
                     return Ok(true);
                 }
             };
@@ -265,9 +277,7 @@ impl ProxyHttp for TetherProxy {
         let answerable =
             !matches!(reason, Reason::Internal if e.esource() == &ErrorSource::Downstream);
         if answerable && session.response_written().is_none() {
-            if let Err(write) = self.refuse(session, ctx, &denial).await {
-                log::debug!("cannot send the error response: {write}");
-            }
+            self.refuse(session, ctx, &denial).await;
         }
         FailToProxy {
             error_code: reason.status(),
