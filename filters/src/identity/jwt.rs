@@ -175,15 +175,21 @@ impl TokenVerifier {
     /// else is verified in full, which also gives the precise refusal.
     pub fn verify(&self, token: &str, now: i64, instant: Instant) -> Result<VerifiedToken, Denial> {
         if let Some(hit) = self.verified.get(token) {
-            let live = now <= hit.exp.saturating_add(self.leeway)
-                && now.saturating_add(self.leeway) >= hit.not_before;
             let same_keys = self
                 .issuers
                 .get(hit.token.issuer.as_ref())
                 .and_then(|i| i.keys.usable(instant))
                 .is_some_and(|k| Arc::ptr_eq(&k, &hit.keys));
-            if live && same_keys {
-                return Ok(hit.token.clone());
+            if same_keys {
+                // Its signature held under these keys: an agent still
+                // sending it once expired is refused without checking
+                // the signature again on every request.
+                if let Some(expired) = self.expired(hit.exp, now) {
+                    return Err(expired);
+                }
+                if now.saturating_add(self.leeway) >= hit.not_before {
+                    return Ok(hit.token.clone());
+                }
             }
         }
         let entry = Arc::new(self.verify_in_full(token, now, instant)?);
@@ -339,6 +345,12 @@ impl TokenVerifier {
         })
     }
 
+    /// The refusal of a token that expired at `exp`, if it has by `now`.
+    fn expired(&self, exp: i64, now: i64) -> Option<Denial> {
+        (now > exp.saturating_add(self.leeway))
+            .then(|| refuse(Reason::TokenExpired, format!("expired {}s ago", now - exp)))
+    }
+
     /// Checks `exp`, `nbf`, `iat` and the lifetime; returns `exp` and the
     /// earliest time the token is valid (`nbf` or `iat`, the later).
     fn check_times(&self, claims: &Map<String, Value>, now: i64) -> Result<(i64, i64), Denial> {
@@ -355,11 +367,8 @@ impl TokenVerifier {
             }
         };
         let exp = time("exp")?.ok_or_else(|| refuse(Reason::TokenClaims, "no `exp`"))?;
-        if now > exp.saturating_add(self.leeway) {
-            return Err(refuse(
-                Reason::TokenExpired,
-                format!("expired {}s ago", now - exp),
-            ));
+        if let Some(expired) = self.expired(exp, now) {
+            return Err(expired);
         }
         if let Some(nbf) = time("nbf")? {
             if now.saturating_add(self.leeway) < nbf {
