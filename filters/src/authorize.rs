@@ -36,6 +36,7 @@ mod slices;
 
 use self::slices::Slices;
 use crate::lifecycle::Registry;
+use crate::lint::Warning;
 use crate::route::{CompiledRoute, RouteMatch};
 use crate::{Denial, Filter, IdentityKind, Reason, RequestCtx, Snapshot};
 
@@ -70,6 +71,8 @@ pub struct PolicyEngine {
     pub schema: Schema,
     /// Every policy, with ids from `@id` or `FILE#N`.
     pub set: PolicySet,
+    /// Cedar's validation warnings about `set`.
+    pub warnings: Vec<Warning>,
     /// The registered agents as Cedar entities.
     pub entities: Entities,
     /// Policies evaluated beside `set` and recorded, never enforced.
@@ -79,6 +82,17 @@ pub struct PolicyEngine {
     /// `shadow`, sliced the same way.
     shadow_slices: Option<Slices>,
     authorizer: Authorizer,
+}
+
+/// A schema and the policies validated against it.
+#[derive(Debug)]
+pub struct ParsedPolicies {
+    pub schema: Schema,
+    pub set: PolicySet,
+    /// What Cedar's validator warns of without refusing: strings and
+    /// identifiers that mix scripts or hold BIDI controls (text that reads
+    /// as one thing and matches another), policies that can never hold.
+    pub warnings: Vec<Warning>,
 }
 
 /// Policy source: a file name (for ids and errors) and its text.
@@ -121,7 +135,7 @@ impl PolicyEngine {
     pub fn parse(
         schema: &PolicySource,
         policies: &[PolicySource],
-    ) -> Result<(Schema, PolicySet), Vec<ConfigError>> {
+    ) -> Result<ParsedPolicies, Vec<ConfigError>> {
         let schema_parsed = Schema::from_cedarschema_str(&schema.text)
             .map(|(s, _warnings)| s)
             .map_err(|e| vec![diagnostic(&schema.path, &schema.text, &e)])?;
@@ -191,21 +205,32 @@ impl PolicyEngine {
                 None => errors.push(located(&schema.path, None, e.to_string())),
             }
         }
-        if errors.is_empty() {
-            Ok((schema_parsed, set))
-        } else {
-            Err(errors)
+        if !errors.is_empty() {
+            return Err(errors);
         }
+        let warnings = result
+            .validation_warnings()
+            .map(|w| Warning::from_cedar(&w.to_string()))
+            .collect();
+        Ok(ParsedPolicies {
+            schema: schema_parsed,
+            set,
+            warnings,
+        })
     }
 
     /// Assembles the engine: registered agents become principals with
     /// `owner` and `team` attributes, checked against the schema.
     pub fn assemble(
-        schema: Schema,
-        set: PolicySet,
+        parsed: ParsedPolicies,
         shadow: Option<PolicySet>,
         registry: &Registry,
     ) -> Result<PolicyEngine, String> {
+        let ParsedPolicies {
+            schema,
+            set,
+            warnings,
+        } = parsed;
         let agents = registry.agents().map(|a| {
             let attrs = HashMap::from([
                 (
@@ -231,6 +256,7 @@ impl PolicyEngine {
             shadow_slices: shadow.as_ref().map(|s| Slices::new(s, &schema)),
             schema,
             set,
+            warnings,
             entities,
             shadow,
             authorizer: Authorizer::new(),
@@ -797,7 +823,7 @@ mod tests {
 
     #[test]
     fn policies_are_named_by_id_annotation_or_file_and_position() {
-        let (_, set) = PolicyEngine::parse(
+        let set = PolicyEngine::parse(
             &source("s.cedarschema", testing::SCHEMA),
             &[source(
                 "repos.cedar",
@@ -805,7 +831,8 @@ mod tests {
                  @id(\"no-admin\") forbid(principal, action == Action::\"Admin\", resource);",
             )],
         )
-        .expect("valid");
+        .expect("valid")
+        .set;
         let mut ids: Vec<String> = set.policies().map(|p| p.id().to_string()).collect();
         ids.sort();
         assert_eq!(

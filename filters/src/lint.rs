@@ -15,7 +15,27 @@ pub struct Warning {
     pub message: String,
 }
 
-/// Every warning about `snapshot`.
+impl Warning {
+    /// A warning of Cedar's validator, which names its policy in its text
+    /// (`for policy `ID`, …`).
+    pub fn from_cedar(text: &str) -> Warning {
+        let named = text
+            .strip_prefix("for policy `")
+            .and_then(|rest| rest.split_once("`, "));
+        match named {
+            Some((id, message)) => Warning {
+                subject: format!("policy `{id}`"),
+                message: message.to_string(),
+            },
+            None => Warning {
+                subject: "policies".into(),
+                message: text.to_string(),
+            },
+        }
+    }
+}
+
+/// Every warning about `snapshot`: Cedar's, then Tether's.
 pub fn lint(snapshot: &Snapshot) -> Vec<Warning> {
     let engine = &snapshot.policy;
     let actions = engine.schema.action_entities().ok();
@@ -53,7 +73,7 @@ pub fn lint(snapshot: &Snapshot) -> Vec<Warning> {
         ActionConstraint::In(list) => list.iter().any(|a| action_in(action, a)),
     };
 
-    let mut warnings = Vec::new();
+    let mut warnings = engine.warnings.clone();
     let mut policies: Vec<&Policy> = engine.set.policies().collect();
     policies.sort_by_key(|p| p.id().to_string());
     for policy in &policies {
@@ -123,5 +143,30 @@ mod tests {
         assert_eq!(subjects.len(), 1, "{subjects:?}");
         assert_eq!(subjects[0].0, "policy `stale`");
         assert!(subjects[0].1.contains("not a registered agent"));
+    }
+
+    #[test]
+    fn text_that_reads_as_one_thing_and_matches_another_is_found() {
+        // `tеther` with a Cyrillic `е`: it looks like the repository and
+        // never matches it.
+        let snapshot = testing::snapshot_with(
+            1,
+            "@id(\"lookalike\") forbid(principal, action, resource == Repo::\"t\u{0435}ther\");\n\
+             @id(\"plain\") permit(principal, action == Action::\"ListIssues\", resource);",
+        );
+        let warnings = lint(&snapshot);
+        let lookalike: Vec<_> = warnings
+            .iter()
+            .filter(|w| w.subject == "policy `lookalike`")
+            .collect();
+        assert_eq!(lookalike.len(), 1, "{warnings:?}");
+        assert!(
+            lookalike[0].message.contains("mixed scripts"),
+            "{warnings:?}"
+        );
+        assert!(
+            !warnings.iter().any(|w| w.subject == "policy `plain`"),
+            "{warnings:?}"
+        );
     }
 }

@@ -65,21 +65,24 @@ impl Snapshot {
             field,
             message,
         };
-        let (schema_parsed, set) = PolicyEngine::parse(schema, policies).map_err(ConfigErrors)?;
+        let parsed = PolicyEngine::parse(schema, policies).map_err(ConfigErrors)?;
         // Shadow policies must be as valid as enforced ones: a broken
         // shadow set would record meaningless disagreements.
         let shadow = match shadow {
-            Some(files) => Some(PolicyEngine::parse(schema, files).map_err(ConfigErrors)?.1),
+            Some(files) => Some(
+                PolicyEngine::parse(schema, files)
+                    .map_err(ConfigErrors)?
+                    .set,
+            ),
             None => None,
         };
-        let schema = schema_parsed;
         let namespace = &config.policy.namespace;
         let principal_type: EntityTypeName = qualified(namespace, "Agent")
             .parse()
             .map_err(|e| ConfigErrors(vec![at("policy.namespace".into(), format!("{e}"))]))?;
         let registry = Registry::new(&config.registry.agents, &principal_type)
             .map_err(|e| ConfigErrors(vec![at("registry".into(), e)]))?;
-        let policy = PolicyEngine::assemble(schema, set, shadow, &registry)
+        let policy = PolicyEngine::assemble(parsed, shadow, &registry)
             .map_err(|e| ConfigErrors(vec![at("registry".into(), e)]))?;
         let routes = RouteTable::new(&config.routes, namespace)
             .map_err(|(i, e)| ConfigErrors(vec![at(format!("routes[{i}]"), e)]))?;
