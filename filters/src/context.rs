@@ -103,6 +103,9 @@ pub struct RequestCtx {
     pub keys_refetched: bool,
     /// The normalized path (no query), as routed, decided and forwarded.
     pub path: String,
+    /// The host, lower case and without port, as routed and as the
+    /// upstream is chosen by.
+    pub host: Option<String>,
     /// The request body, when a stage needed it (bounded by that stage).
     pub body: Option<bytes::Bytes>,
     /// identity: the verified caller.
@@ -134,6 +137,7 @@ impl RequestCtx {
             peer: None,
             keys_refetched: false,
             path: String::new(),
+            host: None,
             body: None,
             principal: None,
             agent: None,

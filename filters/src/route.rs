@@ -389,11 +389,10 @@ impl Filter for Routing {
 
     fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
         let method = req.method.as_str();
-        let host = request_host(req);
         match ctx
             .snapshot
             .routes
-            .find_on(host.as_deref(), method, &ctx.path)
+            .find_on(ctx.host.as_deref(), method, &ctx.path)
         {
             Some(m) => {
                 ctx.route = Some(m);

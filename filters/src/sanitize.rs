@@ -66,6 +66,7 @@ impl Filter for Sanitize {
             req.set_uri(parsed);
         }
         ctx.path = path;
+        ctx.host = crate::route::request_host(req);
         Ok(())
     }
 }
@@ -254,10 +255,17 @@ mod tests {
             req.headers.get("host").map(|v| v.as_bytes()),
             Some(&b"b.example"[..])
         );
-        assert_eq!(
-            crate::route::request_host(&req).as_deref(),
-            Some("b.example")
-        );
+        assert_eq!(ctx.host.as_deref(), Some("b.example"), "routed by it");
+    }
+
+    #[test]
+    fn the_host_is_routed_lower_case_without_its_port() {
+        let mut req = testing::get("/v1/x");
+        req.insert_header("host", "API.Example.org:8443")
+            .expect("header");
+        let mut ctx = testing::ctx();
+        Sanitize.apply(&mut req, &mut ctx).expect("passes");
+        assert_eq!(ctx.host.as_deref(), Some("api.example.org"));
     }
 
     #[test]

@@ -14,7 +14,6 @@ use pingora_http::RequestHeader;
 use tether_filters::credentials::REQUEST_ID_HEADER;
 use tether_filters::mcp;
 use tether_filters::record::AuditRecord;
-use tether_filters::route::request_host;
 use tether_filters::{Denial, Progress, Reason, RequestCtx};
 
 use crate::app::App;
@@ -166,8 +165,8 @@ impl ProxyHttp for TetherProxy {
                 .chain
                 .run_from(resume_at, session.req_header_mut(), &mut ctx.req);
         }
-        let host = request_host(session.req_header());
-        ctx.upstream = self.upstreams.select(host.as_deref(), &ctx.req.path);
+        let host = ctx.req.host.as_deref();
+        ctx.upstream = self.upstreams.select(host, &ctx.req.path);
         if ctx.upstream.is_none() {
             let denial = Denial::new(
                 Reason::NoRoute,
