@@ -83,6 +83,8 @@ impl TetherProxy {
     /// read as the next request. `tests/e2e.rs` holds both.
     async fn refuse(&self, session: &mut Session, ctx: &Ctx, denial: &Denial) {
         if let Err(e) = write_refusal(session, ctx, denial).await {
+            // Whatever reached the client, nothing more goes on this connection.
+            session.set_keepalive(None);
             log::debug!("cannot send the refusal: {e}");
         }
     }
