@@ -145,13 +145,18 @@ impl World {
 
     /// The proxy's whole chain, deciding through `cache`.
     pub fn chain(&self, cache: Arc<DecisionCache>, metrics: &Metrics) -> Chain {
+        Chain::new(self.stages(cache, metrics))
+    }
+
+    /// The stages of [`Self::chain`], in its order.
+    pub fn stages(&self, cache: Arc<DecisionCache>, metrics: &Metrics) -> Vec<Box<dyn Filter>> {
         let mut stages = self.stages_before_authorize();
         stages.push(Box::new(Authorize::new(
             cache,
             metrics.shadow_disagreements.clone(),
         )));
         stages.push(Box::new(Credentials));
-        Chain::new(stages)
+        stages
     }
 
     /// The request's decision input, derived by the real stages before

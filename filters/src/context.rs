@@ -1,10 +1,12 @@
 //! The per-request context the stages fill in, in chain order.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use arrayvec::ArrayString;
+use smol_str::SmolStr;
 use tether_config::spiffe::SpiffeId;
 use tether_config::TokenKind;
 
@@ -76,6 +78,20 @@ impl Delegation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestId(pub u64);
 
+/// A request id as text, held inline: it goes into a request header, a
+/// response header, the audit line and the span, and costs no allocation.
+pub type RequestIdText = ArrayString<16>;
+
+impl RequestId {
+    /// The id as its 16 hex digits.
+    pub fn text(self) -> RequestIdText {
+        let mut text = RequestIdText::new();
+        // Sixteen digits fill the text exactly: this cannot overflow.
+        let _ = write!(text, "{self}");
+        text
+    }
+}
+
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)
@@ -102,10 +118,11 @@ pub struct RequestCtx {
     /// refetched (it waits at most once).
     pub keys_refetched: bool,
     /// The normalized path (no query), as routed, decided and forwarded.
-    pub path: String,
+    /// (A `SmolStr`: most paths fit inline, so no allocation.)
+    pub path: SmolStr,
     /// The host, lower case and without port, as routed and as the
     /// upstream is chosen by.
-    pub host: Option<String>,
+    pub host: Option<SmolStr>,
     /// The request body, when a stage needed it (bounded by that stage).
     pub body: Option<bytes::Bytes>,
     /// identity: the verified caller.
@@ -136,7 +153,7 @@ impl RequestCtx {
             client_addr: None,
             peer: None,
             keys_refetched: false,
-            path: String::new(),
+            path: SmolStr::default(),
             host: None,
             body: None,
             principal: None,
@@ -164,7 +181,7 @@ impl RequestCtx {
     /// routes (what an MCP client can read), `{"error", "reason",
     /// "request_id"}` elsewhere.
     pub fn refusal_body(&self, denial: &Denial) -> Vec<u8> {
-        let request_id = self.request_id.to_string();
+        let request_id = self.request_id.text();
         if self.is_mcp() {
             crate::mcp::error_body(self.mcp.as_ref(), denial, &request_id)
         } else {

@@ -34,7 +34,7 @@ impl Filter for Credentials {
         // names travel as raw bytes, which HTTP allows in field values.
         req.insert_header(OWNER_HEADER, agent.owner.as_bytes())
             .map_err(internal)?;
-        req.insert_header(REQUEST_ID_HEADER, ctx.request_id.to_string())
+        req.insert_header(REQUEST_ID_HEADER, ctx.request_id.text().as_str())
             .map_err(internal)?;
         Ok(())
     }

@@ -6,19 +6,34 @@
 //! so the two can never disagree.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::Write;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
+use arrayvec::ArrayString;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::context::RequestIdText;
 use crate::{Reason, RequestCtx};
+
+/// A trace id as text: 32 hex digits.
+pub type TraceIdText = ArrayString<32>;
+
+/// A time as RFC 3339 text, to the nanosecond (`2026-12-02T16:09:04.123456789Z`
+/// is 30 bytes).
+type TimeText = ArrayString<TIME_TEXT>;
+const TIME_TEXT: usize = 40;
+
+/// An IP address as text: the longest IPv6 form is 45 bytes.
+type AddressText = ArrayString<45>;
 
 /// Tether's Prometheus metrics, all prefixed `tether_`.
 pub struct Metrics {
@@ -182,12 +197,12 @@ fn decision_label(reason: Reason) -> &'static str {
 #[derive(Debug, Serialize)]
 pub struct AuditRecord<'a> {
     /// When the request arrived, RFC 3339 UTC.
-    pub time: String,
+    pub time: TimeText,
     /// Tether's request id.
-    pub request_id: String,
+    pub request_id: RequestIdText,
     /// The trace the request's span belongs to, when tracing is on.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub trace_id: Option<String>,
+    pub trace_id: Option<TraceIdText>,
     /// `allow` or `deny`.
     pub decision: &'static str,
     /// The reason code.
@@ -239,7 +254,7 @@ pub struct AuditRecord<'a> {
     /// The HTTP status sent to the caller.
     pub status: u16,
     /// The TCP peer address.
-    pub client: Option<String>,
+    pub client: Option<AddressText>,
     /// Milliseconds from arrival to the end of the response.
     pub duration_ms: f64,
     /// The configuration generation the request was decided under.
@@ -266,7 +281,7 @@ impl<'a> AuditRecord<'a> {
         method: &'a str,
         reason: Reason,
         status: u16,
-        trace_id: Option<String>,
+        trace_id: Option<TraceIdText>,
     ) -> AuditRecord<'a> {
         let started = OffsetDateTime::from(ctx.started);
         let matched = ctx
@@ -276,10 +291,8 @@ impl<'a> AuditRecord<'a> {
         let template = matched.map(|(_, r)| &*r.template);
         let delegation = ctx.principal.as_ref().and_then(|p| p.delegation.as_deref());
         AuditRecord {
-            time: started
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
-            request_id: ctx.request_id.to_string(),
+            time: rfc3339(started),
+            request_id: ctx.request_id.text(),
             trace_id,
             decision: decision_label(reason),
             reason: reason.code(),
@@ -309,7 +322,7 @@ impl<'a> AuditRecord<'a> {
                     policies: &s.policies,
                 }),
             status,
-            client: ctx.client_addr.map(|a| a.to_string()),
+            client: ctx.client_addr.map(address_text),
             duration_ms: SystemTime::now()
                 .duration_since(ctx.started)
                 .unwrap_or_default()
@@ -322,6 +335,29 @@ impl<'a> AuditRecord<'a> {
                 .is_some_and(|a| a.review_overdue(started)),
         }
     }
+}
+
+/// `time` as RFC 3339 text; empty if it cannot be written so (a year past
+/// 9999), as the record must still be written.
+fn rfc3339(time: OffsetDateTime) -> TimeText {
+    let mut bytes = [0u8; TIME_TEXT];
+    let written = time
+        .format_into(
+            &mut &mut bytes[..],
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap_or(0);
+    std::str::from_utf8(&bytes[..written])
+        .ok()
+        .and_then(|text| TimeText::from(text).ok())
+        .unwrap_or_default()
+}
+
+fn address_text(address: IpAddr) -> AddressText {
+    let mut text = AddressText::new();
+    // Every address fits: IPv6's longest form is the capacity.
+    let _ = write!(text, "{address}");
+    text
 }
 
 /// Writes audit lines on a thread of its own, so a slow disk or a full pipe
@@ -482,7 +518,13 @@ mod tests {
             shadow: None,
         }));
         ctx.cache_hit = Some(true);
-        let record = AuditRecord::new(&ctx, "GET", Reason::Allowed, 200, Some("ab".into()));
+        let record = AuditRecord::new(
+            &ctx,
+            "GET",
+            Reason::Allowed,
+            200,
+            TraceIdText::from("ab").ok(),
+        );
         let json: serde_json::Value =
             serde_json::from_slice(&serde_json::to_vec(&record).expect("json")).expect("parse");
         assert_eq!(json["decision"], "allow");

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use cedar_policy::{EntityId, EntityTypeName, EntityUid};
 use pingora_http::RequestHeader;
-use smol_str::{SmolStr, SmolStrBuilder};
+use smallvec::SmallVec;
+use smol_str::{SmolStr, SmolStrBuilder, StrExt as _};
 use std::collections::HashMap;
 
 use cedar_policy::RestrictedExpression;
@@ -50,7 +51,7 @@ impl HostPattern {
 }
 
 /// The host a request names, lower case, without the port.
-pub fn request_host(req: &RequestHeader) -> Option<String> {
+pub fn request_host(req: &RequestHeader) -> Option<SmolStr> {
     let raw = req
         .headers
         .get(http::header::HOST)
@@ -60,7 +61,7 @@ pub fn request_host(req: &RequestHeader) -> Option<String> {
         Some(v6) => v6.split(']').next().unwrap_or(v6),
         None => raw.rsplit_once(':').map_or(raw, |(h, _)| h),
     };
-    Some(host.to_ascii_lowercase())
+    Some(host.to_ascii_lowercase_smolstr())
 }
 
 enum IdPart {
@@ -211,7 +212,8 @@ impl RouteTable {
     /// the normalized `path`. A route with hosts never matches a request
     /// without one.
     pub fn find_on(&self, host: Option<&str>, method: &str, path: &str) -> Option<RouteMatch> {
-        let mut params: Vec<&str> = Vec::new();
+        // Templates rarely have more than a few parameters.
+        let mut params: SmallVec<[&str; 8]> = SmallVec::new();
         'routes: for (index, route) in self.routes.iter().enumerate() {
             if let Some(methods) = &route.methods {
                 if !methods.iter().any(|m| m == method) {

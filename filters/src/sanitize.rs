@@ -7,6 +7,7 @@
 //! served as another.
 
 use pingora_http::RequestHeader;
+use smol_str::SmolStr;
 
 use crate::{Denial, Filter, Reason, RequestCtx};
 
@@ -28,38 +29,27 @@ impl Filter for Sanitize {
         // Decide on the target as it came off the wire: pingora keeps a
         // non-origin-form target verbatim and forwards it so, whatever
         // `uri` says.
-        if !req.raw_path_is_utf8() {
+        let Ok(raw) = std::str::from_utf8(req.raw_path()) else {
             return Err(Denial::new(Reason::BadPath, "request target is not UTF-8"));
-        }
-        let raw = String::from_utf8_lossy(req.raw_path()).into_owned();
+        };
         if !raw.starts_with('/') {
             // Absolute form (`GET http://b/x`) names the host, and then
             // `Host` must be ignored (RFC 9112, 3.2.2): move it into `Host`
             // so routing and the upstream read one host, the same one.
-            let target: http::Uri = raw.parse().map_err(|_| {
-                Denial::new(
-                    Reason::BadPath,
-                    format!("request target `{raw}` is not a URI"),
-                )
-            })?;
-            let Some(authority) = target.authority().filter(|_| target.scheme().is_some()) else {
-                return Err(Denial::new(
-                    Reason::BadPath,
-                    format!("request target `{raw}` is not origin or absolute form"),
-                ));
-            };
-            req.insert_header(http::header::HOST, authority.as_str())
+            let authority = absolute_form_authority(raw)?;
+            req.insert_header(http::header::HOST, authority)
                 .map_err(|_| Denial::new(Reason::BadPath, "bad authority in the request target"))?;
         }
         let raw_path = req.uri.path();
         let path = normalize_path(raw_path)
             .map_err(|e| Denial::new(Reason::BadPath, format!("path `{raw_path}`: {e}")))?;
-        let decided = match req.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path.clone(),
-        };
-        if decided != raw {
+        let query = req.uri.query();
+        if !is_target(req.raw_path(), &path, query) {
             // Forward exactly what was decided.
+            let decided = match query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
             let parsed = decided
                 .parse()
                 .map_err(|_| Denial::new(Reason::BadPath, "normalized path is not a valid URI"))?;
@@ -68,6 +58,35 @@ impl Filter for Sanitize {
         ctx.path = path;
         ctx.host = crate::route::request_host(req);
         Ok(())
+    }
+}
+
+/// The authority of an absolute-form request target (`http://b/x`).
+fn absolute_form_authority(raw: &str) -> Result<String, Denial> {
+    let target: http::Uri = raw.parse().map_err(|_| {
+        Denial::new(
+            Reason::BadPath,
+            format!("request target `{raw}` is not a URI"),
+        )
+    })?;
+    match target.authority().filter(|_| target.scheme().is_some()) {
+        Some(authority) => Ok(authority.as_str().to_string()),
+        None => Err(Denial::new(
+            Reason::BadPath,
+            format!("request target `{raw}` is not origin or absolute form"),
+        )),
+    }
+}
+
+/// Whether the request target as sent is `path`, then `?query` if any:
+/// then it is forwarded as it came, with nothing to rebuild.
+fn is_target(raw: &[u8], path: &str, query: Option<&str>) -> bool {
+    let Some(rest) = raw.strip_prefix(path.as_bytes()) else {
+        return false;
+    };
+    match query {
+        Some(q) => rest.strip_prefix(b"?") == Some(q.as_bytes()),
+        None => rest.is_empty(),
     }
 }
 
@@ -96,7 +115,32 @@ pub fn strip_identity_headers(req: &mut RequestHeader) {
 ///
 /// Refused: a path not starting with `/`, malformed escapes, and encoded
 /// NUL or control characters.
-pub fn normalize_path(path: &str) -> Result<String, &'static str> {
+pub fn normalize_path(path: &str) -> Result<SmolStr, &'static str> {
+    if is_normal(path) {
+        return Ok(SmolStr::new(path));
+    }
+    rewrite_path(path).map(SmolStr::from)
+}
+
+/// Whether `path` is already what [`normalize_path`] makes of it, as
+/// nearly every request's path is: it starts with `/`, has no escapes,
+/// no empty, `.` or `..` segment (a trailing `/` aside) and only printable
+/// ASCII. Then it is kept as it is, without being rebuilt.
+fn is_normal(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    if rest.is_empty() {
+        return true;
+    }
+    let segments = rest.strip_suffix('/').unwrap_or(rest);
+    path.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%')
+        && !segments.is_empty()
+        && segments.split('/').all(|s| !matches!(s, "" | "." | ".."))
+}
+
+/// [`normalize_path`] for a path that is not already normal.
+fn rewrite_path(path: &str) -> Result<String, &'static str> {
     if !path.starts_with('/') {
         return Err("must start with `/`");
     }
@@ -198,6 +242,9 @@ mod tests {
             ("/v1/a%2fb", "/v1/a%2Fb"),
             ("/v1/a%2Fb/..", "/v1/"),
             ("/v1/%20x", "/v1/%20x"),
+            ("//", "/"),
+            ("/a//", "/a/"),
+            ("/a/b c", "/a/b c"),
         ] {
             assert_eq!(normalize_path(input).as_deref(), Ok(expected), "{input}");
         }
@@ -215,6 +262,24 @@ mod tests {
         for input in ["/a/./b/../c//d/", "/%2e%2e/x", "/a%2fb/%7e"] {
             let once = normalize_path(input).expect("valid");
             assert_eq!(normalize_path(&once).expect("valid"), once);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// A path kept as it is, because it looks normal already, is
+        /// exactly what the full rewrite makes of it; and every path is
+        /// normalized as the rewrite would.
+        #[test]
+        fn a_path_kept_as_it_is_is_what_the_rewrite_makes(
+            path in "/?(([a.~%]|%2[eEfF]|\\.\\.|/| |\\x7f|\\x01|é){0,6})"
+        ) {
+            let rewritten = rewrite_path(&path);
+            if is_normal(&path) {
+                proptest::prop_assert_eq!(rewritten.as_deref(), Ok(path.as_str()));
+            }
+            let normalized = normalize_path(&path);
+            proptest::prop_assert_eq!(normalized.as_deref(), rewritten.as_deref());
         }
     }
 

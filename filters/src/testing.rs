@@ -97,7 +97,7 @@ pub fn ctx() -> RequestCtx {
 /// A context as the stages before authorize leave it.
 pub fn ctx_for(agent: &str, method: &str, path: &str) -> RequestCtx {
     let mut ctx = ctx();
-    ctx.path = path.to_string();
+    ctx.path = path.into();
     ctx.principal = Some(Principal {
         id: SpiffeId::parse(agent).expect("id"),
         kind: IdentityKind::X509Svid,
@@ -134,7 +134,7 @@ pub fn input(
     path: &str,
 ) -> crate::authorize::DecisionInput {
     let mut ctx = RequestCtx::new(snapshot.clone());
-    ctx.path = path.to_string();
+    ctx.path = path.into();
     ctx.principal = Some(Principal {
         id: SpiffeId::parse(agent).expect("id"),
         kind: IdentityKind::X509Svid,

@@ -239,8 +239,8 @@ pub(crate) mod tests {
         chain: Option<Vec<&'a str>>,
     ) -> AuditRecord<'a> {
         AuditRecord {
-            time: "2026-12-02T10:00:00Z".into(),
-            request_id: "00112233aabbccdd".into(),
+            time: "2026-12-02T10:00:00Z".try_into().expect("fits"),
+            request_id: "00112233aabbccdd".try_into().expect("fits"),
             trace_id: None,
             decision: "allow",
             reason: "allowed",
@@ -263,7 +263,7 @@ pub(crate) mod tests {
             cached: Some(true),
             shadow: None,
             status: 200,
-            client: Some("127.0.0.1".into()),
+            client: Some("127.0.0.1".try_into().expect("fits")),
             duration_ms: 0.2,
             generation: 3,
             review_overdue: false,

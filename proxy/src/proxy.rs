@@ -91,12 +91,12 @@ impl TetherProxy {
 }
 
 async fn write_refusal(session: &mut Session, ctx: &Ctx, denial: &Denial) -> Result<()> {
-    let request_id = ctx.req.request_id.to_string();
+    let request_id = ctx.req.request_id.text();
     let body = Bytes::from(ctx.req.refusal_body(denial));
     let mut resp = ResponseHeader::build(denial.reason.status(), Some(4))?;
     resp.insert_header("content-type", "application/json")?;
     resp.insert_header("content-length", body.len().to_string())?;
-    resp.insert_header(REQUEST_ID_HEADER, request_id)?;
+    resp.insert_header(REQUEST_ID_HEADER, request_id.as_str())?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
@@ -204,7 +204,7 @@ impl ProxyHttp for TetherProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        resp.insert_header(REQUEST_ID_HEADER, ctx.req.request_id.to_string())?;
+        resp.insert_header(REQUEST_ID_HEADER, ctx.req.request_id.text().as_str())?;
         if ctx
             .req
             .mcp
@@ -263,7 +263,7 @@ impl ProxyHttp for TetherProxy {
             mcp::error_body(
                 ctx.req.mcp.as_ref(),
                 &Denial::new(Reason::UpstreamError, e),
-                &ctx.req.request_id.to_string(),
+                &ctx.req.request_id.text(),
             )
         })));
         Ok(None)

@@ -10,6 +10,7 @@
 //! propagation and random ids. Its span objects and exporter are not used:
 //! they copied every attribute twice per request (see [`crate::otlp`]).
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -24,7 +25,7 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use pingora_http::RequestHeader;
 use prometheus::IntCounter;
 use tether_config::OtlpProtocol;
-use tether_filters::record::AuditRecord;
+use tether_filters::record::{AuditRecord, TraceIdText};
 
 use crate::otlp::{self, SpanHeader};
 
@@ -195,8 +196,11 @@ impl Telemetry {
     }
 
     /// The trace id of a span, as 32 hex digits.
-    pub fn trace_id(span: &RequestSpan) -> String {
-        span.context.trace_id().to_string()
+    pub fn trace_id(span: &RequestSpan) -> TraceIdText {
+        let mut text = TraceIdText::new();
+        // 32 hex digits fill the text exactly: this cannot overflow.
+        let _ = write!(text, "{}", span.context.trace_id());
+        text
     }
 
     /// Sends what is queued and stops export.
