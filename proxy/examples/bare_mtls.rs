@@ -16,6 +16,7 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use clap::Parser;
 use pingora::listeners::tls::TlsSettings;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
@@ -56,6 +57,10 @@ impl ProxyHttp for Bare {
     type CTX = ();
 
     fn new_ctx(&self) {}
+
+    /// No downstream modules, as in Tether: pingora's default, a disabled
+    /// compression module, does nothing but cost allocations per request.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn upstream_peer(
         &self,

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, Result};
@@ -104,6 +105,12 @@ async fn write_refusal(session: &mut Session, ctx: &Ctx, denial: &Denial) -> Res
 #[async_trait]
 impl ProxyHttp for TetherProxy {
     type CTX = Ctx;
+
+    /// No downstream modules. pingora's default is a response compression
+    /// module, disabled, which compresses nothing and still costs each
+    /// request three allocations and two calls; Tether forwards bodies as
+    /// the upstream sent them.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
