@@ -1,11 +1,13 @@
 //! The per-request context the stages fill in, in chain order.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use arrayvec::ArrayString;
+use bytes::Bytes;
+use http::HeaderValue;
 use smol_str::SmolStr;
 use tether_config::spiffe::SpiffeId;
 use tether_config::TokenKind;
@@ -85,10 +87,23 @@ pub type RequestIdText = ArrayString<16>;
 impl RequestId {
     /// The id as its 16 hex digits.
     pub fn text(self) -> RequestIdText {
-        let mut text = RequestIdText::new();
-        // Sixteen digits fill the text exactly: this cannot overflow.
-        let _ = write!(text, "{self}");
-        text
+        // Hex digits are ASCII, so this cannot fail.
+        RequestIdText::from_byte_string(&self.digits()).unwrap_or_default()
+    }
+
+    /// The id as a header value. Its bytes are allocated once and shared:
+    /// pingora's copy of the request for the upstream copies nothing.
+    pub fn header_value(self) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+        HeaderValue::from_maybe_shared(Bytes::from_owner(self.digits()))
+    }
+
+    fn digits(self) -> [u8; 16] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut digits = [0u8; 16];
+        for (i, digit) in digits.iter_mut().enumerate() {
+            *digit = HEX[(self.0 >> (60 - 4 * i)) as usize & 0xf];
+        }
+        digits
     }
 }
 
@@ -203,4 +218,23 @@ fn rand_u64() -> u64 {
     let mut h = KEYS.get_or_init(RandomState::new).build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_id_reads_the_same_as_text_header_and_display() {
+        for id in [0, 1, 0xabcdef, 0x0123_4567_89ab_cdef, u64::MAX, rand_u64()] {
+            let id = RequestId(id);
+            let printed = format!("{:016x}", id.0);
+            assert_eq!(id.text().as_str(), printed);
+            assert_eq!(id.to_string(), printed);
+            assert_eq!(
+                id.header_value().expect("hex is a valid value"),
+                printed.as_str()
+            );
+        }
+    }
 }

@@ -27,15 +27,16 @@ impl Filter for Credentials {
                 "credentials ran before lifecycle",
             ));
         };
-        let internal = |_| Denial::new(Reason::Internal, "cannot set identity headers");
-        req.insert_header(AGENT_HEADER, agent.id.as_str())
-            .map_err(internal)?;
-        // Owners are checked for control characters at load; non-ASCII
-        // names travel as raw bytes, which HTTP allows in field values.
-        req.insert_header(OWNER_HEADER, agent.owner.as_bytes())
-            .map_err(internal)?;
-        req.insert_header(REQUEST_ID_HEADER, ctx.request_id.text().as_str())
-            .map_err(internal)?;
+        let internal = || Denial::new(Reason::Internal, "cannot set identity headers");
+        // Built when the registry loaded (non-ASCII owner names travel as
+        // raw bytes, which HTTP allows in field values), and shared.
+        req.insert_header(AGENT_HEADER, agent.id_header.clone())
+            .map_err(|_| internal())?;
+        req.insert_header(OWNER_HEADER, agent.owner_header.clone())
+            .map_err(|_| internal())?;
+        let request_id = ctx.request_id.header_value().map_err(|_| internal())?;
+        req.insert_header(REQUEST_ID_HEADER, request_id)
+            .map_err(|_| internal())?;
         Ok(())
     }
 }

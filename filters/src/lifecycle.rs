@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use cedar_policy::{EntityId, EntityTypeName, EntityUid};
+use http::HeaderValue;
 use pingora_http::RequestHeader;
 use tether_config::spiffe::SpiffeId;
 use tether_config::{AgentSpec, AgentState, Expiry};
@@ -31,6 +33,11 @@ pub struct Agent {
     pub state: AgentState,
     /// The Cedar principal, built once at load.
     pub uid: EntityUid,
+    /// Its SPIFFE ID and owner as header values for the upstream, built
+    /// once at load. Their bytes are shared: adding them to a request,
+    /// and pingora copying that request for the upstream, copy nothing.
+    pub id_header: HeaderValue,
+    pub owner_header: HeaderValue,
 }
 
 impl Agent {
@@ -53,7 +60,14 @@ impl Registry {
         let mut agents = HashMap::with_capacity(specs.len());
         for spec in specs {
             let id = SpiffeId::parse(&spec.id)?;
+            let header = |text: &str| {
+                HeaderValue::from_maybe_shared(Bytes::copy_from_slice(text.as_bytes())).map_err(
+                    |_| format!("agent `{}`: `{text}` cannot be sent in a header", spec.id),
+                )
+            };
             let agent = Agent {
+                id_header: header(id.as_str())?,
+                owner_header: header(&spec.owner)?,
                 uid: EntityUid::from_type_name_and_id(
                     principal_type.clone(),
                     EntityId::new(id.as_str()),
