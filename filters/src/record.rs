@@ -341,12 +341,16 @@ impl<'a> AuditRecord<'a> {
 /// 9999), as the record must still be written.
 fn rfc3339(time: OffsetDateTime) -> TimeText {
     let mut bytes = [0u8; TIME_TEXT];
-    let written = time
-        .format_into(
-            &mut &mut bytes[..],
-            &time::format_description::well_known::Rfc3339,
-        )
-        .unwrap_or(0);
+    let mut rest = &mut bytes[..];
+    if time
+        .format_into(&mut rest, &time::format_description::well_known::Rfc3339)
+        .is_err()
+    {
+        return TimeText::new();
+    }
+    // What was written is what the cursor moved past: the count
+    // `format_into` returns leaves out the fraction of the second.
+    let written = TIME_TEXT - rest.len();
     std::str::from_utf8(&bytes[..written])
         .ok()
         .and_then(|text| TimeText::from(text).ok())
@@ -507,6 +511,22 @@ mod tests {
     use super::*;
     use crate::testing;
     use crate::{Denial, Reason};
+
+    #[test]
+    fn the_time_is_written_as_rfc_3339_to_the_nanosecond() {
+        use time::format_description::well_known::Rfc3339;
+        let now = OffsetDateTime::now_utc();
+        for t in [
+            now,
+            now.replace_nanosecond(0).expect("valid"),
+            now.replace_nanosecond(999_999_999).expect("valid"),
+            now.replace_nanosecond(120_000_000).expect("valid"),
+            OffsetDateTime::UNIX_EPOCH,
+        ] {
+            let expected = t.format(&Rfc3339).expect("formats");
+            assert_eq!(rfc3339(t).as_str(), expected);
+        }
+    }
 
     #[test]
     fn an_allowed_request_is_recorded_with_its_owner_and_policies() {
