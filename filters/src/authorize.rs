@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, PolicyId,
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, Policy, PolicyId,
     PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
@@ -32,6 +32,7 @@ use prometheus::IntCounter;
 use quick_cache::sync::GuardResult;
 use tether_config::ConfigError;
 
+mod pieces;
 mod slices;
 
 use self::slices::Slices;
@@ -140,40 +141,28 @@ impl PolicyEngine {
             .map(|(s, _warnings)| s)
             .map_err(|e| vec![diagnostic(&schema.path, &schema.text, &e)])?;
 
+        let threads = pieces::threads();
         let mut errors = Vec::new();
         let mut set = PolicySet::new();
         // Which file each policy came from, to locate validation errors.
         let mut origin: HashMap<PolicyId, usize> = HashMap::new();
         for (file_index, source) in policies.iter().enumerate() {
-            let parsed = match PolicySet::from_str(&source.text) {
-                Ok(p) => p,
-                Err(e) => {
-                    errors.extend(e.iter().map(|e| diagnostic(&source.path, &source.text, e)));
-                    continue;
-                }
+            let in_file = match pieces::parse(&source.text, threads) {
+                Some(policies) => policies,
+                None => match parse_whole(source) {
+                    Ok(policies) => policies,
+                    Err(e) => {
+                        errors.extend(e);
+                        continue;
+                    }
+                },
             };
-            if parsed.templates().next().is_some() {
-                errors.push(located(
-                    &source.path,
-                    None,
-                    "policy templates are not supported; write static policies".into(),
-                ));
-            }
-            // The parser names policies `policy0`, `policy1`, ... in source
-            // order; we name them by `@id` or by file and position.
-            let mut in_file: Vec<_> = parsed.policies().collect();
-            in_file.sort_by_cached_key(|p| {
-                p.id()
-                    .to_string()
-                    .trim_start_matches("policy")
-                    .parse::<usize>()
-                    .unwrap_or(usize::MAX)
-            });
             let file_name = source
                 .path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            // Named by `@id`, or by file and position.
             for (n, policy) in in_file.into_iter().enumerate() {
                 // Found by key rather than `annotation("id")`, which parses
                 // the key as a Cedar identifier on every call (4 µs each).
@@ -195,23 +184,29 @@ impl PolicyEngine {
             return Err(errors);
         }
 
-        let result = Validator::new(schema_parsed.clone()).validate(&set, ValidationMode::Strict);
-        for e in result.validation_errors() {
-            match origin.get(e.policy_id()) {
-                Some(&i) => {
-                    let source = &policies[i];
-                    errors.push(diagnostic(&source.path, &source.text, e));
+        let warnings = match pieces::validate(&schema.text, &set, threads) {
+            Some(warnings) => warnings,
+            None => {
+                let result =
+                    Validator::new(schema_parsed.clone()).validate(&set, ValidationMode::Strict);
+                for e in result.validation_errors() {
+                    match origin.get(e.policy_id()) {
+                        Some(&i) => {
+                            let source = &policies[i];
+                            errors.push(diagnostic(&source.path, &source.text, e));
+                        }
+                        None => errors.push(located(&schema.path, None, e.to_string())),
+                    }
                 }
-                None => errors.push(located(&schema.path, None, e.to_string())),
+                if !errors.is_empty() {
+                    return Err(errors);
+                }
+                result
+                    .validation_warnings()
+                    .map(|w| Warning::from_cedar(&w.to_string()))
+                    .collect()
             }
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        let warnings = result
-            .validation_warnings()
-            .map(|w| Warning::from_cedar(&w.to_string()))
-            .collect();
+        };
         Ok(ParsedPolicies {
             schema: schema_parsed,
             set,
@@ -767,6 +762,24 @@ impl Filter for Authorize {
         ctx.decision = Some(decision);
         outcome
     }
+}
+
+/// A file's policies in source order, parsed in one pass: every error
+/// located.
+fn parse_whole(source: &PolicySource) -> Result<Vec<Policy>, Vec<ConfigError>> {
+    let parsed = PolicySet::from_str(&source.text).map_err(|e| {
+        e.iter()
+            .map(|e| diagnostic(&source.path, &source.text, e))
+            .collect::<Vec<_>>()
+    })?;
+    if parsed.templates().next().is_some() {
+        return Err(vec![located(
+            &source.path,
+            None,
+            "policy templates are not supported; write static policies".into(),
+        )]);
+    }
+    Ok(pieces::in_source_order(&parsed))
 }
 
 fn read_source(path: &Path) -> Result<PolicySource, ConfigError> {
