@@ -16,10 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
+use arrayvec::ArrayString;
 use bytes::{Buf as _, Bytes};
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use http::HeaderValue;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
-use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use pingora_http::RequestHeader;
@@ -48,6 +49,25 @@ struct Exporting {
     thread: std::thread::Thread,
     // Runs the transport's connection tasks; dropped last.
     _runtime: tokio::runtime::Runtime,
+}
+
+/// The W3C trace-context headers.
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+/// `version-traceid-spanid-flags`, version 00: 55 characters.
+fn traceparent(context: &SpanContext) -> ArrayString<55> {
+    let mut text = ArrayString::new();
+    let flags = context.trace_flags() & TraceFlags::SAMPLED;
+    // Exactly 55 characters: this cannot overflow.
+    let _ = write!(
+        text,
+        "00-{}-{}-{:02x}",
+        context.trace_id(),
+        context.span_id(),
+        flags.to_u8()
+    );
+    text
 }
 
 /// A request's span while the request runs: its identity and start.
@@ -151,15 +171,20 @@ impl Telemetry {
         })
     }
 
-    /// Adds the span's `traceparent` to the upstream request, so the API's
-    /// own spans join the same trace.
+    /// Adds the span's `traceparent` (and the caller's `tracestate`) to the
+    /// upstream request, so the API's own spans join the same trace.
+    /// Written as the SDK's propagator writes them (a test holds the two
+    /// equal), without the context, vector and strings it builds for it.
     pub fn inject(&self, span: &RequestSpan, upstream: &mut RequestHeader) {
-        let cx = Context::new().with_remote_span_context(span.context.clone());
-        let mut headers = Vec::new();
-        self.propagator
-            .inject_context(&cx, &mut HeaderInjector(&mut headers));
-        for (name, value) in headers {
-            let _ = upstream.insert_header(name, value);
+        if let Ok(value) = HeaderValue::from_str(&traceparent(&span.context)) {
+            let _ = upstream.insert_header(TRACEPARENT, value);
+        }
+        // An empty or unparsable state from the caller is not passed on.
+        let state = span.context.trace_state().header();
+        if state.is_empty() {
+            upstream.remove_header(TRACESTATE);
+        } else if let Ok(value) = HeaderValue::from_str(&state) {
+            let _ = upstream.insert_header(TRACESTATE, value);
         }
     }
 
@@ -421,20 +446,71 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-struct HeaderInjector<'a>(&'a mut Vec<(String, String)>);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.push((key.to_string(), value));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use tether_config::{Otlp, OtlpProtocol};
 
+    use opentelemetry::propagation::Injector;
+    use opentelemetry::Context;
+
     use super::*;
     use crate::otlp::tests::record;
+
+    struct HeaderInjector<'a>(&'a mut Vec<(String, String)>);
+
+    impl Injector for HeaderInjector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.push((key.to_string(), value));
+        }
+    }
+
+    /// What the SDK's propagator injects for `span`, without empty values.
+    fn sdk_injects(telemetry: &Telemetry, span: &RequestSpan) -> Vec<(String, String)> {
+        let cx = Context::new().with_remote_span_context(span.context.clone());
+        let mut headers = Vec::new();
+        telemetry
+            .propagator
+            .inject_context(&cx, &mut HeaderInjector(&mut headers));
+        headers.retain(|(_, value)| !value.is_empty());
+        headers.sort();
+        headers
+    }
+
+    #[test]
+    fn trace_context_is_injected_as_the_sdk_injects_it() {
+        let (telemetry, _) = telemetry(OtlpProtocol::Grpc, closed_port(), 16, 600_000);
+        let callers = [
+            None,
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+        ];
+        for caller in callers {
+            for state in [None, Some("vendor=abc,other=x-1"), Some("not a state")] {
+                let mut from_caller = request(caller);
+                if let Some(state) = state {
+                    from_caller
+                        .insert_header(TRACESTATE, state)
+                        .expect("header");
+                }
+                let span = telemetry
+                    .start(&from_caller, SystemTime::now())
+                    .expect("a span");
+                // The upstream request starts as a copy of the caller's.
+                let mut upstream = from_caller.clone();
+                telemetry.inject(&span, &mut upstream);
+                let mut sent: Vec<(String, String)> = [TRACEPARENT, TRACESTATE]
+                    .into_iter()
+                    .filter_map(|name| {
+                        let value = upstream.headers.get(name)?.to_str().expect("ascii");
+                        Some((name.to_string(), value.to_string()))
+                    })
+                    .collect();
+                sent.sort();
+                assert_eq!(sent, sdk_injects(&telemetry, &span), "{caller:?} {state:?}");
+                assert_eq!(sent[0].1.len(), 55, "{sent:?}");
+            }
+        }
+    }
 
     fn telemetry(
         protocol: OtlpProtocol,
