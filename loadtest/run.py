@@ -91,6 +91,12 @@ TARGETS = [
     # to the client certificate, on top of everything the cached run does.
     {"name": "tether-jwt", "label": "Tether, mTLS + bound JWT-SVID", "kind": "tether", "tls": True,
      "path": CACHED_PATH, "jwt": True},
+    # Not a configuration to deploy: the cached run with span export off,
+    # to measure what exporting to a collector on these same two cores
+    # costs (the collector's CPU, and the preemptions it brings), which
+    # every other Tether row and Envoy pay.
+    {"name": "tether-nospans", "label": "Tether, cached, spans not exported (comparison only)", "kind": "tether",
+     "tls": True, "path": CACHED_PATH, "spans": False},
 ]
 
 # Load shapes. "closed": fixed concurrency, keep-alive, for a fixed duration.
@@ -589,10 +595,12 @@ def jwt_headers() -> list[str]:
     return [f"authorization: Bearer {(WORK / 'certs' / 'jwt.txt').read_text().strip()}"]
 
 
-def write_tether_config(env: Env, d: Path, port: int, admin: int, audit: Path, jwt: bool = False) -> Path:
+def write_tether_config(env: Env, d: Path, port: int, admin: int, audit: Path, jwt: bool = False,
+                        spans: bool = True) -> Path:
+    otlp = f"  otlp:\n    endpoint: http://127.0.0.1:{env.otlp_grpc}\n    protocol: grpc\n"
     return fill("tether.yaml", d / "tether.yaml", PORT=port, ADMIN_PORT=admin, CERTS=env.certs,
                 UPSTREAM_PORT=env.upstream_port, SPIFFE_ID=SPIFFE_ID, EXAMPLES=EXAMPLES,
-                OTLP_GRPC_PORT=env.otlp_grpc, AUDIT_FILE=audit,
+                OTLP_SECTION=otlp if spans else "", AUDIT_FILE=audit,
                 JWT_SECTION=jwt_section() if jwt else "")
 
 
@@ -649,7 +657,8 @@ class Target:
         elif kind == "tether":
             self.admin = free_port()
             self.audit = d / "audit.log"
-            conf = write_tether_config(env, d, self.port, self.admin, self.audit, jwt=self.spec.get("jwt", False))
+            conf = write_tether_config(env, d, self.port, self.admin, self.audit, jwt=self.spec.get("jwt", False),
+                                       spans=self.spec.get("spans", True))
             env_vars = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
             self.proc = spawn([t["tether"], "run", "--config", conf], log_path=d / "tether.log", env=env_vars)
             # /readyz is 200 once the config is loaded and the listeners are bound

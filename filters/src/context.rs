@@ -98,11 +98,9 @@ impl RequestId {
     }
 
     fn digits(self) -> [u8; 16] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut digits = [0u8; 16];
-        for (i, digit) in digits.iter_mut().enumerate() {
-            *digit = HEX[(self.0 >> (60 - 4 * i)) as usize & 0xf];
-        }
+        // 8 bytes are exactly 16 digits: this cannot fail.
+        let _ = hex::encode_to_slice(self.0.to_be_bytes(), &mut digits);
         digits
     }
 }

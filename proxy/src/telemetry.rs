@@ -10,7 +10,6 @@
 //! propagation and random ids. Its span objects and exporter are not used:
 //! they copied every attribute twice per request (see [`crate::otlp`]).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -57,17 +56,13 @@ const TRACESTATE: &str = "tracestate";
 
 /// `version-traceid-spanid-flags`, version 00: 55 characters.
 fn traceparent(context: &SpanContext) -> ArrayString<55> {
-    let mut text = ArrayString::new();
+    let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
     let flags = context.trace_flags() & TraceFlags::SAMPLED;
-    // Exactly 55 characters: this cannot overflow.
-    let _ = write!(
-        text,
-        "00-{}-{}-{:02x}",
-        context.trace_id(),
-        context.span_id(),
-        flags.to_u8()
-    );
-    text
+    // Each id fills its slot exactly: none of these can fail.
+    let _ = hex::encode_to_slice(context.trace_id().to_bytes(), &mut text[3..35]);
+    let _ = hex::encode_to_slice(context.span_id().to_bytes(), &mut text[36..52]);
+    let _ = hex::encode_to_slice([flags.to_u8()], &mut text[53..55]);
+    ArrayString::from_byte_string(&text).unwrap_or_default()
 }
 
 /// A request's span while the request runs: its identity and start.
@@ -222,10 +217,10 @@ impl Telemetry {
 
     /// The trace id of a span, as 32 hex digits.
     pub fn trace_id(span: &RequestSpan) -> TraceIdText {
-        let mut text = TraceIdText::new();
-        // 32 hex digits fill the text exactly: this cannot overflow.
-        let _ = write!(text, "{}", span.context.trace_id());
-        text
+        let mut digits = [0u8; 32];
+        // 16 bytes are exactly 32 digits: this cannot fail.
+        let _ = hex::encode_to_slice(span.context.trace_id().to_bytes(), &mut digits);
+        TraceIdText::from_byte_string(&digits).unwrap_or_default()
     }
 
     /// Sends what is queued and stops export.
@@ -508,6 +503,10 @@ mod tests {
                 sent.sort();
                 assert_eq!(sent, sdk_injects(&telemetry, &span), "{caller:?} {state:?}");
                 assert_eq!(sent[0].1.len(), 55, "{sent:?}");
+                // The records' trace id is the one the traceparent carries.
+                let trace_id = Telemetry::trace_id(&span);
+                assert_eq!(trace_id.as_str(), span.context.trace_id().to_string());
+                assert_eq!(&sent[0].1[3..35], trace_id.as_str());
             }
         }
     }
