@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side load harness for Tether.
 
-    python3 loadtest/run.py            # full run (about 20 minutes)
+    python3 loadtest/run.py            # full run (about 25 minutes)
     python3 loadtest/run.py --quick    # smoke test (under 3 minutes)
     python3 loadtest/run.py --help     # every knob
 
