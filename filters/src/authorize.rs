@@ -143,9 +143,9 @@ impl PolicyEngine {
 
         let threads = pieces::threads();
         let mut errors = Vec::new();
-        let mut set = PolicySet::new();
-        // Which file each policy came from, to locate validation errors.
-        let mut origin: HashMap<PolicyId, usize> = HashMap::new();
+        // Every policy, renamed, and the file it came from.
+        let mut named: Vec<Policy> = Vec::new();
+        let mut files: Vec<usize> = Vec::new();
         for (file_index, source) in policies.iter().enumerate() {
             let in_file = match pieces::parse(&source.text, threads) {
                 Some(policies) => policies,
@@ -163,28 +163,45 @@ impl PolicyEngine {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             // Named by `@id`, or by file and position.
-            for (n, policy) in in_file.into_iter().enumerate() {
+            let in_file = pieces::rename(in_file, threads, |policy, n| {
                 // Found by key rather than `annotation("id")`, which parses
                 // the key as a Cedar identifier on every call (4 µs each).
                 let annotated = policy.annotations().find(|(key, _)| *key == "id");
-                let id = match annotated.map(|(_, id)| id) {
+                PolicyId::new(match annotated.map(|(_, id)| id) {
                     Some(id) => id.to_string(),
                     None => format!("{file_name}#{}", n + 1),
-                };
-                let id = PolicyId::new(id);
-                let renamed = policy.new_id(id.clone());
-                if let Err(e) = set.add(renamed) {
-                    errors.push(located(&source.path, None, format!("policy `{id}`: {e}")));
+                })
+            });
+            files.extend(std::iter::repeat_n(file_index, in_file.len()));
+            named.extend(in_file);
+        }
+
+        // Validation needs only the policies, so it runs while this thread
+        // builds the set, which is where duplicate ids are found.
+        let mut set = PolicySet::new();
+        // Which file each policy came from, to locate validation errors.
+        let mut origin: HashMap<PolicyId, usize> = HashMap::new();
+        let in_slices = std::thread::scope(|scope| {
+            let validating = errors
+                .is_empty()
+                .then(|| scope.spawn(|| pieces::validate(&schema.text, &named, threads)));
+            for (policy, &file_index) in named.iter().zip(&files) {
+                let id = policy.id().clone();
+                if let Err(e) = set.add(policy.clone()) {
+                    let path = &policies[file_index].path;
+                    errors.push(located(path, None, format!("policy `{id}`: {e}")));
                     continue;
                 }
                 origin.insert(id, file_index);
             }
-        }
+            validating.and_then(|v| v.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        });
+        drop(named);
         if !errors.is_empty() {
             return Err(errors);
         }
 
-        let warnings = match pieces::validate(&schema.text, &set, threads) {
+        let warnings = match in_slices {
             Some(warnings) => warnings,
             None => {
                 let result =

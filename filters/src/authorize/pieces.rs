@@ -17,7 +17,7 @@
 use std::ops::Range;
 use std::str::FromStr;
 
-use cedar_policy::{Policy, PolicySet, Schema, ValidationMode, Validator};
+use cedar_policy::{Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator};
 
 use crate::lint::Warning;
 
@@ -97,6 +97,52 @@ pub fn in_source_order(set: &PolicySet) -> Vec<Policy> {
     policies
 }
 
+/// `policies` renamed, each to `id(policy, its position)`, in up to
+/// `threads` chunks at once: Cedar builds a renamed policy anew and drops
+/// the old one, about a microsecond each.
+pub fn rename(
+    mut policies: Vec<Policy>,
+    threads: usize,
+    id: impl Fn(&Policy, usize) -> PolicyId + Sync,
+) -> Vec<Policy> {
+    let rename_chunk = |(first, chunk): (usize, Vec<Policy>)| -> Vec<Policy> {
+        chunk
+            .into_iter()
+            .enumerate()
+            .map(|(i, policy)| policy.new_id(id(&policy, first + i)))
+            .collect()
+    };
+    if threads < 2 || policies.len() < MIN_SLICE_POLICIES {
+        return rename_chunk((0, policies));
+    }
+    // Owned chunks, so each thread also drops the policies it replaced.
+    let per_chunk = policies.len().div_ceil(threads);
+    let mut chunks = Vec::with_capacity(threads);
+    while policies.len() > per_chunk {
+        let rest = policies.split_off(per_chunk);
+        chunks.push(std::mem::replace(&mut policies, rest));
+    }
+    chunks.push(policies);
+    let rename_chunk = &rename_chunk;
+    std::thread::scope(|scope| {
+        let mut first = 0;
+        let workers: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                let part = (first, chunk);
+                first += part.1.len();
+                scope.spawn(move || rename_chunk(part))
+            })
+            .collect();
+        // A panic is Cedar's and would have happened on one thread too:
+        // passed on, never turned into missing policies.
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
 /// Cuts `text` into at most `pieces` ranges of about equal length, each
 /// ending just after a policy's closing `;` (the last one at the end of the
 /// text). Strings (`"..."`, with `\` escapes) and `//` comments (to the end
@@ -154,24 +200,23 @@ fn split_at_policy_ends(text: &str, pieces: usize) -> Vec<Range<usize>> {
 /// schema's shared types all the time; on one shared schema, two threads
 /// spent more time bouncing those reference counts between cores than
 /// validating, and took as long as one.
-pub fn validate(schema_text: &str, set: &PolicySet, threads: usize) -> Option<Vec<Warning>> {
-    let policies: Vec<&Policy> = set.policies().collect();
+pub fn validate(schema_text: &str, policies: &[Policy], threads: usize) -> Option<Vec<Warning>> {
     if threads < 2 || policies.len() < MIN_SLICE_POLICIES {
         return None;
     }
-    validate_slices(schema_text, &policies, threads)
+    validate_slices(schema_text, policies, threads)
 }
 
-fn validate_slices(schema_text: &str, policies: &[&Policy], slices: usize) -> Option<Vec<Warning>> {
+fn validate_slices(schema_text: &str, policies: &[Policy], slices: usize) -> Option<Vec<Warning>> {
     let per_slice = policies.len().div_ceil(slices.max(1)).max(1);
     on_threads(policies.chunks(per_slice).collect(), |slice| {
         validate_slice(schema_text, slice)
     })
 }
 
-fn validate_slice(schema_text: &str, slice: &[&Policy]) -> Option<Vec<Warning>> {
+fn validate_slice(schema_text: &str, slice: &[Policy]) -> Option<Vec<Warning>> {
     let (schema, _) = Schema::from_cedarschema_str(schema_text).ok()?;
-    let set = PolicySet::from_policies(slice.iter().map(|&p| p.clone())).ok()?;
+    let set = PolicySet::from_policies(slice.iter().cloned()).ok()?;
     let result = Validator::new(schema).validate(&set, ValidationMode::Strict);
     if result.validation_errors().next().is_some() {
         return None;
@@ -304,16 +349,18 @@ mod tests {
         let set = valid(2 * MIN_SLICE_POLICIES);
         let whole = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
         assert!(whole.validation_passed());
-        let warnings = validate(schema_text, &set, 4).expect("validates in slices");
+        let all: Vec<Policy> = set.policies().cloned().collect();
+        let warnings = validate(schema_text, &all, 4).expect("validates in slices");
         assert_eq!(warnings.len(), whole.validation_warnings().count());
         assert_eq!(warnings.len(), 3, "{warnings:?}");
+        let few: Vec<Policy> = valid(10).policies().cloned().collect();
         assert!(
-            validate(schema_text, &valid(10), 4).is_none(),
+            validate(schema_text, &few, 4).is_none(),
             "small sets go whole"
         );
 
         // One bad policy anywhere sends the set whole.
-        let mut policies: Vec<Policy> = set.policies().cloned().collect();
+        let mut policies = all;
         let bad = PolicySet::from_str(
             "@id(\"bad\") permit(principal, action == Action::\"ListIssues\", resource) \
              when { principal.no_such_attribute };",
@@ -325,7 +372,23 @@ mod tests {
             .expect("one")
             .new_id(PolicyId::new("bad"));
         policies.insert(1500, bad);
-        let with_bad = PolicySet::from_policies(policies).expect("ids unique");
-        assert!(validate(schema_text, &with_bad, 4).is_none());
+        assert!(validate(schema_text, &policies, 4).is_none());
+    }
+
+    #[test]
+    fn renaming_on_threads_names_each_policy_by_its_position() {
+        let text: String = (0..MIN_SLICE_POLICIES + 5)
+            .map(|i| format!("permit(principal, action, resource) when {{ {i} == {i} }};\n"))
+            .collect();
+        let policies = whole(&text);
+        let id = |_: &Policy, n: usize| PolicyId::new(format!("f.cedar#{}", n + 1));
+        for threads in [1, 2, 3, 8] {
+            let renamed = rename(policies.clone(), threads, id);
+            assert_eq!(renamed.len(), policies.len(), "{threads} threads");
+            for (n, (new, old)) in renamed.iter().zip(&policies).enumerate() {
+                assert_eq!(new.id().to_string(), format!("f.cedar#{}", n + 1));
+                assert_eq!(new.to_string(), old.to_string(), "{threads} threads");
+            }
+        }
     }
 }
