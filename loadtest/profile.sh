@@ -1,0 +1,133 @@
+#!/bin/bash
+# Where a proxy's CPU goes at 32 connections: CPU seconds per 10,000
+# requests split into user and system time, each thread's CPU and context
+# switches, and on request a perf profile. The load test says how much;
+# this says where, with the same setup.
+#
+#   bash loadtest/profile.sh [TARGET] [perf]
+#
+# TARGET: `tether` (default; the load test's cached run: mTLS, registry,
+# Cedar, audit line, span exported to a rotel collector), `tether-nospans`
+# (the same with span export off) or `pingora` (the bare pingora mTLS
+# proxy). `perf` also records `perf record -g` (software clock) into
+# loadtest/work/profile/perf.data: a flat profile as built, call graphs
+# with a build made with RUSTFLAGS="-C force-frame-pointers=yes" (point
+# TETHER_BIN at it). Run it on a quiet machine, after
+# `python3 loadtest/run.py` (any mode): it reuses that run's certificates,
+# upstream, binaries, oha, rotel and the Tether config it checked.
+#
+# A profile of Tether exporting to no collector measures the wrong thing
+# (it happened: a collector on the wrong port, and the kernel took the
+# blame); the script refuses to report one whose spans were dropped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. loadtest/common.sh
+TARGET=${1:-tether}
+MODE=${2:-cpu}
+BARE=target/loadtest/release/examples/bare_mtls
+ROTEL=$(realpath target/tools/*venv*/lib/python3*/site-packages/rotel/rotel-agent 2>/dev/null | head -1)
+require "$CHECKED" "$TETHER" "$OHA" "$ROTEL" "$WORK/upstream/nginx.conf"
+case $TARGET in
+    tether | tether-nospans) ;;
+    pingora) require "$BARE" ;;
+    *) echo "unknown target $TARGET: tether, tether-nospans or pingora" >&2; exit 2 ;;
+esac
+[ "$MODE" = perf ] && { command -v perf > /dev/null || { echo "perf is not installed" >&2; exit 1; }; }
+
+DIR=$WORK/profile
+rm -rf "$DIR" && mkdir -p "$DIR"
+# The checked config, audit to this folder; span export dropped for
+# tether-nospans.
+python3 - "$CHECKED" "$DIR/tether.yaml" "$PWD/$DIR/audit.log" "$TARGET" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+text = re.sub(r"^(  output:).*$", r"\1 " + sys.argv[3], text, flags=re.M)
+if sys.argv[4] == "tether-nospans":
+    text = re.sub(r"^  otlp:\n(?:    .*\n)+", "", text, flags=re.M)
+open(sys.argv[2], "w").write(text)
+EOF
+LISTEN=$(port "$DIR/tether.yaml" 1) ADMIN=$(port "$DIR/tether.yaml" 2)
+OTLP=$(grep -m1 'endpoint: http://127.0.0.1:' "$WORK/check/tether.yaml" | sed 's/.*127.0.0.1://')
+
+start_upstream
+UPSTREAM_PORT=$(port "$DIR/tether.yaml" 3)
+(cd "$DIR" && exec "$ROTEL" start --exporter blackhole --otlp-grpc-endpoint "127.0.0.1:$OTLP" \
+    --otlp-http-endpoint "127.0.0.1:$((OTLP + 1))" > rotel.log 2>&1) &
+COLLECTOR=$!
+PROXY=
+trap 'kill -INT $PROXY 2>/dev/null; kill $UPSTREAM $COLLECTOR 2>/dev/null; wait 2>/dev/null' EXIT
+if [ "$TARGET" = pingora ]; then
+    "$BARE" --listen "127.0.0.1:$LISTEN" --upstream "127.0.0.1:$UPSTREAM_PORT" \
+        --cert $WORK/certs/server.pem --key $WORK/certs/server-key.pem --ca $WORK/certs/ca.pem \
+        --threads 1 > "$DIR/bare.log" 2>&1 &
+    PROXY=$!
+    until (exec 3<>"/dev/tcp/127.0.0.1/$LISTEN") 2>/dev/null; do
+        kill -0 $PROXY 2>/dev/null || { cat "$DIR/bare.log"; exit 1; }
+        sleep 0.01
+    done
+else
+    start_tether "$DIR/tether.yaml" "$ADMIN"
+fi
+
+load() {
+    "$OHA" --no-tui --worker-threads 1 --disable-compression -c 32 -z "$1" --cacert $WORK/certs/ca.pem \
+        --cert $WORK/certs/agent.pem --key $WORK/certs/agent-key.pem --output-format json -o "$2" \
+        "https://127.0.0.1:$LISTEN/v1/repos/tether/issues" > /dev/null 2>&1
+}
+# Every thread's name, user and system ticks, and context switches.
+threads() {
+    for t in /proc/$PROXY/task/*; do
+        printf '%s\t%s\t%s\t%s\n' "$(cat "$t/comm")" "$(sed 's/.*) //' "$t/stat" | cut -d' ' -f12,13)" \
+            "$(awk '/^voluntary_ctxt/ {print $2}' "$t/status")" "$(awk '/^nonvoluntary_ctxt/ {print $2}' "$t/status")"
+    done
+}
+
+load 2s /dev/null # warm-up: handshakes, first decisions, allocator
+threads > "$DIR/before.tsv"
+if [ "$MODE" = perf ]; then
+    perf record -F 2000 -e cpu-clock -g -p "$PROXY" -o "$DIR/perf.data" -- sleep 10 > /dev/null 2>&1 &
+    RECORDING=$!
+fi
+load 10s "$DIR/oha.json"
+threads > "$DIR/after.tsv"
+[ "$MODE" = perf ] && wait $RECORDING
+
+DROPPED=0
+if [ "$TARGET" != pingora ]; then
+    DROPPED=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '$1 == "tether_spans_dropped_total" {printf "%d", $2}')
+fi
+python3 - "$DIR" "$TARGET" "$MODE" "${DROPPED:-0}" "$(getconf CLK_TCK)" <<'EOF'
+import json, sys
+d, target, mode, dropped, hz = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+oha = json.load(open(f"{d}/oha.json"))
+n = sum(oha["statusCodeDistribution"].values())
+ok = oha["statusCodeDistribution"].get("200", 0)
+def read(name):
+    rows = {}
+    for line in open(f"{d}/{name}"):
+        comm, ticks, vol, invol = line.rstrip("\n").split("\t")
+        user, sys_ = map(int, ticks.split())
+        key = comm
+        while key in rows:  # threads sharing a name
+            key += "'"
+        rows[key] = (user, sys_, int(vol), int(invol))
+    return rows
+before, after = read("before.tsv"), read("after.tsv")
+per_10k = lambda ticks: ticks / hz / n * 1e4
+user = sum(a[0] - before.get(k, (0,) * 4)[0] for k, a in after.items())
+sys_ = sum(a[1] - before.get(k, (0,) * 4)[1] for k, a in after.items())
+print(f"{target}: {oha['summary']['requestsPerSec']:.0f} req/s, {ok}/{n} 200s")
+print(f"CPU s/10k: {per_10k(user + sys_):.3f} (user {per_10k(user):.3f}, system {per_10k(sys_):.3f})")
+print(f"{'thread':<18}{'CPU s':>8}{'switches':>10}{'preempted':>11}")
+for k, a in after.items():
+    b = before.get(k, (0,) * 4)
+    cpu = (a[0] + a[1] - b[0] - b[1]) / hz
+    if cpu or a[2] - b[2] or a[3] - b[3]:
+        print(f"{k:<18}{cpu:>8.2f}{a[2] - b[2]:>10}{a[3] - b[3]:>11}")
+if mode == "perf":
+    print(f"profile: perf report -i {d}/perf.data --no-children --sort symbol")
+if dropped:
+    sys.exit(f"{dropped} spans dropped: the collector did not take them, so this is not the load test's setup")
+if ok != n:
+    sys.exit("some responses were not 200")
+EOF
