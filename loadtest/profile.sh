@@ -12,9 +12,10 @@
 # proxy). `perf` also records `perf record -g` (software clock) into
 # loadtest/work/profile/perf.data: a flat profile as built, call graphs
 # with a build made with RUSTFLAGS="-C force-frame-pointers=yes" (point
-# TETHER_BIN at it). Run it on a quiet machine, after
-# `python3 loadtest/run.py` (any mode): it reuses that run's certificates,
-# upstream, binaries, oha, rotel and the Tether config it checked.
+# TETHER_BIN, or BARE_BIN for the bare proxy, at it). Run it on a quiet
+# machine, after `python3 loadtest/run.py` (any mode): it reuses that
+# run's certificates, upstream, binaries, oha, rotel and the Tether config
+# it checked.
 #
 # A profile of Tether exporting to no collector measures the wrong thing
 # (it happened: a collector on the wrong port, and the kernel took the
@@ -24,7 +25,7 @@ cd "$(dirname "$0")/.."
 . loadtest/common.sh
 TARGET=${1:-tether}
 MODE=${2:-cpu}
-BARE=target/loadtest/release/examples/bare_mtls
+BARE=${BARE_BIN:-target/loadtest/release/examples/bare_mtls}
 ROTEL=$(realpath target/tools/*venv*/lib/python3*/site-packages/rotel/rotel-agent 2>/dev/null | head -1)
 require "$CHECKED" "$TETHER" "$OHA" "$ROTEL" "$WORK/upstream/nginx.conf"
 case $TARGET in
