@@ -35,9 +35,10 @@ ready() {
 }
 
 # Starts Tether with config $1 (log beside it) and waits until its admin
-# port $2 answers /readyz; sets PROXY to its pid.
+# port $2 answers /readyz; sets PROXY to its pid. $LAUNCH, when set, is a
+# command that runs Tether (valgrind, for one).
 start_tether() {
-    RUST_LOG=warn "$TETHER" run --config "$1" > "$(dirname "$1")/tether.log" 2>&1 &
+    RUST_LOG=warn ${LAUNCH:-} "$TETHER" run --config "$1" > "$(dirname "$1")/tether.log" 2>&1 &
     PROXY=$!
     until ready "$2"; do
         kill -0 $PROXY 2>/dev/null || { cat "$(dirname "$1")/tether.log"; exit 1; }

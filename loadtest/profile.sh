@@ -17,6 +17,17 @@
 # run's certificates, upstream, binaries, oha, rotel and the Tether config
 # it checked.
 #
+#   bash loadtest/profile.sh [TARGET] callgrind [REQUESTS]
+#
+# counts instead the instructions the proxy runs per request (user space,
+# all its threads, under valgrind's callgrind): a measure that a busy or
+# noisy host cannot move, for comparing builds and targets where CPU
+# seconds swing by a third from one run to the next. It instruments
+# REQUESTS requests (default 20,000) at 32 connections after a warm-up,
+# their 32 TLS handshakes included, and the span export they cause; the
+# profile is left in loadtest/work/profile/callgrind.out.1 for
+# callgrind_annotate.
+#
 # A profile of Tether exporting to no collector measures the wrong thing
 # (it happened: a collector on the wrong port, and the kernel took the
 # blame); the script refuses to report one whose spans were dropped.
@@ -33,7 +44,18 @@ case $TARGET in
     pingora) require "$BARE" ;;
     *) echo "unknown target $TARGET: tether, tether-nospans or pingora" >&2; exit 2 ;;
 esac
-[ "$MODE" = perf ] && { command -v perf > /dev/null || { echo "perf is not installed" >&2; exit 1; }; }
+case $MODE in
+    cpu) ;;
+    perf) command -v perf > /dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; } ;;
+    callgrind)
+        command -v callgrind_control > /dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
+        REQUESTS=${3:-20000}
+        # Instrumentation starts off (start-up and warm-up are not counted)
+        # and is switched on around the measured requests.
+        LAUNCH="valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$PWD/$WORK/profile/callgrind.out"
+        ;;
+    *) echo "unknown mode $MODE: cpu, perf or callgrind" >&2; exit 2 ;;
+esac
 
 DIR=$WORK/profile
 rm -rf "$DIR" && mkdir -p "$DIR"
@@ -58,7 +80,7 @@ COLLECTOR=$!
 PROXY=
 trap 'kill -INT $PROXY 2>/dev/null; kill $UPSTREAM $COLLECTOR 2>/dev/null; wait 2>/dev/null' EXIT
 if [ "$TARGET" = pingora ]; then
-    "$BARE" --listen "127.0.0.1:$LISTEN" --upstream "127.0.0.1:$UPSTREAM_PORT" \
+    ${LAUNCH:-} "$BARE" --listen "127.0.0.1:$LISTEN" --upstream "127.0.0.1:$UPSTREAM_PORT" \
         --cert $WORK/certs/server.pem --key $WORK/certs/server-key.pem --ca $WORK/certs/ca.pem \
         --threads 1 > "$DIR/bare.log" 2>&1 &
     PROXY=$!
@@ -70,8 +92,11 @@ else
     start_tether "$DIR/tether.yaml" "$ADMIN"
 fi
 
+# `load DURATION|-n COUNT OUTPUT`: 32 connections for a time or a count.
 load() {
-    "$OHA" --no-tui --worker-threads 1 --disable-compression -c 32 -z "$1" --cacert $WORK/certs/ca.pem \
+    local amount=(-z "$1")
+    [ "$1" = -n ] && { amount=(-n "$2"); shift; }
+    "$OHA" --no-tui --worker-threads 1 --disable-compression -c 32 "${amount[@]}" --cacert $WORK/certs/ca.pem \
         --cert $WORK/certs/agent.pem --key $WORK/certs/agent-key.pem --output-format json -o "$2" \
         "https://127.0.0.1:$LISTEN/v1/repos/tether/issues" > /dev/null 2>&1
 }
@@ -82,6 +107,37 @@ threads() {
             "$(awk '/^voluntary_ctxt/ {print $2}' "$t/status")" "$(awk '/^nonvoluntary_ctxt/ {print $2}' "$t/status")"
     done
 }
+
+if [ "$MODE" = callgrind ]; then
+    load -n 1000 /dev/null # warm-up: first decisions, allocator
+    callgrind_control --instr=on $PROXY > /dev/null
+    load -n "$REQUESTS" "$DIR/oha.json"
+    # One export interval, so the span export these requests cause is in.
+    sleep 1.5
+    callgrind_control --instr=off $PROXY > /dev/null
+    callgrind_control --dump $PROXY > /dev/null # to callgrind.out.1
+    DROPPED=0
+    if [ "$TARGET" != pingora ]; then
+        DROPPED=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '$1 == "tether_spans_dropped_total" {printf "%d", $2}')
+    fi
+    python3 - "$DIR" "$TARGET" "${DROPPED:-0}" <<'EOF'
+import json, re, sys
+d, target, dropped = sys.argv[1], sys.argv[2], int(sys.argv[3])
+oha = json.load(open(f"{d}/oha.json"))
+n = sum(oha["statusCodeDistribution"].values())
+ok = oha["statusCodeDistribution"].get("200", 0)
+# `totals: N` closes the file: the instructions collected.
+text = open(f"{d}/callgrind.out.1", errors="replace").read()
+total = sum(int(m) for m in re.findall(r"^totals: (\d+)", text, flags=re.M))
+print(f"{target}: {total / n:,.0f} instructions per request ({total:,} for {ok}/{n} 200s)")
+print(f"profile: callgrind_annotate --inclusive=yes {d}/callgrind.out.1")
+if dropped:
+    sys.exit(f"{dropped} spans dropped: the collector did not take them, so this is not the load test's setup")
+if ok != n or n == 0:
+    sys.exit("some responses were not 200")
+EOF
+    exit
+fi
 
 load 2s /dev/null # warm-up: handshakes, first decisions, allocator
 threads > "$DIR/before.tsv"
