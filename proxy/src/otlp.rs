@@ -16,7 +16,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{SpanContext, SpanId};
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{encode_key, encode_varint, WireType};
 use tether_filters::record::AuditRecord;
 
 /// `Span.SpanKind.SPAN_KIND_SERVER`.
@@ -178,9 +178,13 @@ fn nested(b: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     if len < 0x80 {
         b[at] = len as u8;
     } else {
-        let mut prefix = Vec::with_capacity(encoded_len_varint(len as u64));
-        encode_varint(len as u64, &mut prefix);
-        b.splice(at..at + 1, prefix);
+        // On the stack: a span is always this long, and a `Vec` here
+        // was an allocation per request.
+        let mut prefix = [0u8; 10];
+        let mut room = &mut prefix[..];
+        encode_varint(len as u64, &mut room);
+        let written = 10 - room.len();
+        b.splice(at..at + 1, prefix[..written].iter().copied());
     }
 }
 
