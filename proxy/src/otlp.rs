@@ -306,7 +306,11 @@ pub(crate) mod tests {
         let chain = vec!["user:alice", "spiffe://example.org/agents/triage"];
         let mut spans = Vec::new();
         encode_span(&mut spans, &header, &record(&policies, Some(chain)));
+        // A value long enough for two-byte lengths, and an empty one.
+        let long_path = format!("/v1/{}", "a".repeat(200));
         let mut denied = record(&[], None);
+        denied.path = &long_path;
+        denied.owner = Some("");
         denied.route = None;
         denied.status = 502;
         denied.decision = "deny";
@@ -396,6 +400,17 @@ pub(crate) mod tests {
             (status.code, status.message.as_str()),
             (2, "upstream_unavailable")
         );
+        assert_eq!(value(&refused.attributes, "url.path"), text(&long_path));
+        let owner = refused
+            .attributes
+            .iter()
+            .find(|kv| kv.key == "tether.owner");
+        assert_eq!(
+            owner.and_then(|kv| kv.value.as_ref()).map(|v| &v.value),
+            Some(&None),
+            "an empty string is an empty AnyValue, as protobuf leaves defaults out"
+        );
+        assert_eq!(value(&refused.attributes, "tether.team"), text("platform"));
         assert_eq!(value(&refused.attributes, "tether.policies"), None);
         assert_eq!(
             value(&refused.attributes, "http.response.status_code"),
