@@ -37,11 +37,20 @@ ready() {
 # Starts Tether with config $1 (log beside it) and waits until its admin
 # port $2 answers /readyz; sets PROXY to its pid. $LAUNCH, when set, is a
 # command that runs Tether (valgrind, for one).
+# Whether process $1 is running (not exited, not a zombie).
+alive() {
+    local state
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
 start_tether() {
     RUST_LOG=warn ${LAUNCH:-} "$TETHER" run --config "$1" > "$(dirname "$1")/tether.log" 2>&1 &
     PROXY=$!
     until ready "$2"; do
-        kill -0 $PROXY 2>/dev/null || { cat "$(dirname "$1")/tether.log"; exit 1; }
+        # A child that exited is a zombie until reaped, and `kill -0`
+        # still finds it: read its state instead.
+        alive $PROXY || { cat "$(dirname "$1")/tether.log"; exit 1; }
         sleep 0.002
     done
 }

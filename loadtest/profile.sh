@@ -28,6 +28,10 @@
 # profile is left in loadtest/work/profile/callgrind.out.1 for
 # callgrind_annotate.
 #
+# OTLP_PROTOCOL=http exports spans over OTLP/HTTP instead of gRPC.
+# COLLECTOR_NICE=N runs the collector at that niceness (default 0, as
+# the load test does): to see what its preempting the proxy costs.
+#
 # A profile of Tether exporting to no collector measures the wrong thing
 # (it happened: a collector on the wrong port, and the kernel took the
 # blame); the script refuses to report one whose spans were dropped.
@@ -61,10 +65,13 @@ DIR=$WORK/profile
 rm -rf "$DIR" && mkdir -p "$DIR"
 # The checked config, audit to this folder; span export dropped for
 # tether-nospans.
-python3 - "$CHECKED" "$DIR/tether.yaml" "$PWD/$DIR/audit.log" "$TARGET" <<'EOF'
+python3 - "$CHECKED" "$DIR/tether.yaml" "$PWD/$DIR/audit.log" "$TARGET" "${OTLP_PROTOCOL:-grpc}" <<'EOF'
 import re, sys
 text = open(sys.argv[1]).read()
 text = re.sub(r"^(  output:).*$", r"\1 " + sys.argv[3], text, flags=re.M)
+if sys.argv[5] == "http":  # the collector's OTLP/HTTP port is the next one
+    text = re.sub(r"endpoint: http://127.0.0.1:(\d+)\n(\s+)protocol: grpc",
+                  lambda m: f"endpoint: http://127.0.0.1:{int(m[1]) + 1}\n{m[2]}protocol: http_protobuf", text)
 if sys.argv[4] == "tether-nospans":
     text = re.sub(r"^  otlp:\n(?:    .*\n)+", "", text, flags=re.M)
 open(sys.argv[2], "w").write(text)
@@ -74,7 +81,7 @@ OTLP=$(grep -m1 'endpoint: http://127.0.0.1:' "$WORK/check/tether.yaml" | sed 's
 
 start_upstream
 UPSTREAM_PORT=$(port "$DIR/tether.yaml" 3)
-(cd "$DIR" && exec "$ROTEL" start --exporter blackhole --otlp-grpc-endpoint "127.0.0.1:$OTLP" \
+(cd "$DIR" && exec nice -n "${COLLECTOR_NICE:-0}" "$ROTEL" start --exporter blackhole --otlp-grpc-endpoint "127.0.0.1:$OTLP" \
     --otlp-http-endpoint "127.0.0.1:$((OTLP + 1))" > rotel.log 2>&1) &
 COLLECTOR=$!
 PROXY=
@@ -85,7 +92,7 @@ if [ "$TARGET" = pingora ]; then
         --threads 1 > "$DIR/bare.log" 2>&1 &
     PROXY=$!
     until (exec 3<>"/dev/tcp/127.0.0.1/$LISTEN") 2>/dev/null; do
-        kill -0 $PROXY 2>/dev/null || { cat "$DIR/bare.log"; exit 1; }
+        alive $PROXY || { cat "$DIR/bare.log"; exit 1; }
         sleep 0.01
     done
 else
@@ -139,14 +146,24 @@ EOF
     exit
 fi
 
+# The whole host's CPU (the first line of /proc/stat: user nice system
+# idle iowait irq softirq steal) and the upstream's and collector's ticks:
+# whether the cores were saturated, and by whom.
+host() {
+    echo "$(head -1 /proc/stat | cut -d' ' -f3-10) $(pid_ticks $UPSTREAM) $(pid_ticks $COLLECTOR)"
+}
+pid_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
 load 2s /dev/null # warm-up: handshakes, first decisions, allocator
 threads > "$DIR/before.tsv"
+host > "$DIR/host-before.txt"
 if [ "$MODE" = perf ]; then
     perf record -F 2000 -e cpu-clock -g -p "$PROXY" -o "$DIR/perf.data" -- sleep 10 > /dev/null 2>&1 &
     RECORDING=$!
 fi
 load 10s "$DIR/oha.json"
 threads > "$DIR/after.tsv"
+host > "$DIR/host-after.txt"
 [ "$MODE" = perf ] && wait $RECORDING
 
 DROPPED=0
@@ -154,7 +171,7 @@ if [ "$TARGET" != pingora ]; then
     DROPPED=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '$1 == "tether_spans_dropped_total" {printf "%d", $2}')
 fi
 python3 - "$DIR" "$TARGET" "$MODE" "${DROPPED:-0}" "$(getconf CLK_TCK)" <<'EOF'
-import json, sys
+import json, os, sys
 d, target, mode, dropped, hz = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 oha = json.load(open(f"{d}/oha.json"))
 n = sum(oha["statusCodeDistribution"].values())
@@ -181,6 +198,19 @@ for k, a in after.items():
     cpu = (a[0] + a[1] - b[0] - b[1]) / hz
     if cpu or a[2] - b[2] or a[3] - b[3]:
         print(f"{k:<18}{cpu:>8.2f}{a[2] - b[2]:>10}{a[3] - b[3]:>11}")
+# Cores used over the load: the proxy, the upstream, the collector, the
+# rest (the load generator, and kernel time in interrupts charged to no
+# process), and idle.
+h0, h1 = (list(map(int, open(f"{d}/host-{w}.txt").read().split())) for w in ("before", "after"))
+delta = [b - a for a, b in zip(h0, h1)]
+busy = sum(delta[0:3]) + sum(delta[5:8])
+wall = sum(delta[0:8]) / os.cpu_count()
+proxy = (user + sys_) / wall
+upstream, collector = delta[8] / wall, delta[9] / wall
+cores = lambda t: t / wall
+print(f"host cores: proxy {proxy:.2f}, upstream {upstream:.2f}, collector {collector:.2f}, "
+      f"other {cores(busy) - proxy - upstream - collector:.2f} (interrupts {cores(sum(delta[5:7])):.2f}, "
+      f"steal {cores(delta[7]):.2f}), idle {cores(delta[3] + delta[4]):.2f} of {os.cpu_count()}")
 if mode == "perf":
     print(f"profile: perf report -i {d}/perf.data --no-children --sort symbol")
 if dropped:

@@ -12,6 +12,9 @@ pub const OWNER_HEADER: &str = "x-tether-owner";
 /// The request id, to join the upstream's logs to Tether's audit.
 pub const REQUEST_ID_HEADER: &str = "x-tether-request-id";
 
+/// How many headers this stage adds.
+pub const HEADERS_ADDED: usize = 3;
+
 /// Adds the verified identity for the upstream.
 pub struct Credentials;
 
@@ -50,7 +53,13 @@ mod tests {
     fn the_verified_identity_is_added() {
         let mut ctx = testing::ctx_for(testing::ALICE_BOT, "GET", "/v1/repos/tether/issues");
         let mut req = testing::get("/v1/repos/tether/issues");
+        let sent = req.headers.len();
         Credentials.apply(&mut req, &mut ctx).expect("passes");
+        assert_eq!(
+            req.headers.len() - sent,
+            HEADERS_ADDED,
+            "room is made for them"
+        );
         let header = |n: &str| {
             req.headers
                 .get(n)

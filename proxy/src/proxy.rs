@@ -11,13 +11,13 @@ use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, Result};
-use pingora_http::RequestHeader;
 use tether_filters::credentials::REQUEST_ID_HEADER;
 use tether_filters::mcp;
 use tether_filters::record::AuditRecord;
 use tether_filters::{Denial, Progress, Reason, RequestCtx};
 
 use crate::app::App;
+use crate::headroom;
 use crate::telemetry::{RequestSpan, Telemetry};
 use crate::tls::peer_identity;
 use crate::upstreams::Upstreams;
@@ -51,6 +51,15 @@ enum ToolsList {
 
 /// Most bytes of a `tools/list` response held for filtering.
 const MAX_TOOLS_LIST: usize = 4 * 1024 * 1024;
+
+/// Headers a request can gain on its way through: the identity headers
+/// (credentials stage), `traceparent` and `tracestate`, and `Host` from an
+/// absolute-form target. Room is made for them all at once.
+const REQUEST_HEADERS_ADDED: usize = tether_filters::credentials::HEADERS_ADDED + 3;
+
+/// Headers a response can gain: the request id, and for a filtered
+/// `tools/list` its content type and transfer encoding.
+const RESPONSE_HEADERS_ADDED: usize = 3;
 
 impl TetherProxy {
     /// A proxy forwarding to `upstreams`.
@@ -139,6 +148,7 @@ impl ProxyHttp for TetherProxy {
             .app
             .telemetry
             .start(session.req_header(), ctx.req.started);
+        headroom::make_room_in_request(session.req_header_mut(), REQUEST_HEADERS_ADDED);
         let mut progress = self.app.chain.run(session.req_header_mut(), &mut ctx.req);
         loop {
             let resume_at = match progress {
@@ -183,6 +193,11 @@ impl ProxyHttp for TetherProxy {
             );
             return self.refuse_at(session, ctx, "upstream", denial).await;
         }
+        // Into the request pingora copies for the upstream, so that copy,
+        // made with no spare room, needs none.
+        if let Some(span) = &ctx.span {
+            self.app.telemetry.inject(span, session.req_header_mut());
+        }
         Ok(false)
     }
 
@@ -193,24 +208,13 @@ impl ProxyHttp for TetherProxy {
             .ok_or_else(|| Error::explain(pingora::ErrorType::InternalError, "no upstream chosen"))
     }
 
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        upstream: &mut RequestHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        if let Some(span) = &ctx.span {
-            self.app.telemetry.inject(span, upstream);
-        }
-        Ok(())
-    }
-
     async fn response_filter(
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        headroom::make_room_in_response(resp, RESPONSE_HEADERS_ADDED);
         resp.insert_header(REQUEST_ID_HEADER, ctx.req.request_id.text().as_str())?;
         if ctx
             .req

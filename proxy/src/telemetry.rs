@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use arrayvec::ArrayString;
 use bytes::{Buf as _, Bytes};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -53,6 +53,10 @@ struct Exporting {
 /// The W3C trace-context headers.
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
+/// The names as `http` keeps them: a lookup or removal by one of these
+/// skips parsing the name each time.
+const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
+const TRACESTATE_NAME: HeaderName = HeaderName::from_static(TRACESTATE);
 
 /// `version-traceid-spanid-flags`, version 00: 55 characters.
 fn traceparent(context: &SpanContext) -> ArrayString<55> {
@@ -137,8 +141,14 @@ impl Telemetry {
     /// trace is propagated, not exported.
     pub fn start(&self, req: &RequestHeader, started: SystemTime) -> Option<RequestSpan> {
         self.inner.as_ref()?;
-        let caller = self.propagator.extract(&HeaderExtractor(&req.headers));
-        let caller = caller.span().span_context().clone();
+        // Most requests start a trace: the propagator, which builds a
+        // context to say so, is asked only when there is one to continue.
+        let caller = if req.headers.contains_key(&TRACEPARENT_NAME) {
+            let extracted = self.propagator.extract(&HeaderExtractor(&req.headers));
+            extracted.span().span_context().clone()
+        } else {
+            SpanContext::empty_context()
+        };
         let span_id = self.ids.new_span_id();
         let (context, parent) = if caller.is_valid() {
             let context = SpanContext::new(
@@ -167,19 +177,19 @@ impl Telemetry {
     }
 
     /// Adds the span's `traceparent` (and the caller's `tracestate`) to the
-    /// upstream request, so the API's own spans join the same trace.
+    /// request as forwarded, so the API's own spans join the same trace.
     /// Written as the SDK's propagator writes them (a test holds the two
     /// equal), without the context, vector and strings it builds for it.
-    pub fn inject(&self, span: &RequestSpan, upstream: &mut RequestHeader) {
+    pub fn inject(&self, span: &RequestSpan, req: &mut RequestHeader) {
         if let Ok(value) = HeaderValue::from_str(&traceparent(&span.context)) {
-            let _ = upstream.insert_header(TRACEPARENT, value);
+            let _ = req.insert_header(TRACEPARENT, value);
         }
         // An empty or unparsable state from the caller is not passed on.
         let state = span.context.trace_state().header();
         if state.is_empty() {
-            upstream.remove_header(TRACESTATE);
+            req.remove_header(&TRACESTATE_NAME);
         } else if let Ok(value) = HeaderValue::from_str(&state) {
-            let _ = upstream.insert_header(TRACESTATE, value);
+            let _ = req.insert_header(TRACESTATE, value);
         }
     }
 
