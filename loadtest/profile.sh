@@ -107,11 +107,13 @@ load() {
         --cert $WORK/certs/agent.pem --key $WORK/certs/agent-key.pem --output-format json -o "$2" \
         "https://127.0.0.1:$LISTEN/v1/repos/tether/issues" > /dev/null 2>&1
 }
-# Every thread's name, user and system ticks, and context switches.
+# Every thread's name, user and system ticks, context switches, and
+# nanoseconds spent ready to run but waiting for a core (schedstat).
 threads() {
     for t in /proc/$PROXY/task/*; do
-        printf '%s\t%s\t%s\t%s\n' "$(cat "$t/comm")" "$(sed 's/.*) //' "$t/stat" | cut -d' ' -f12,13)" \
-            "$(awk '/^voluntary_ctxt/ {print $2}' "$t/status")" "$(awk '/^nonvoluntary_ctxt/ {print $2}' "$t/status")"
+        printf '%s\t%s\t%s\t%s\t%s\n' "$(cat "$t/comm")" "$(sed 's/.*) //' "$t/stat" | cut -d' ' -f12,13)" \
+            "$(awk '/^voluntary_ctxt/ {print $2}' "$t/status")" "$(awk '/^nonvoluntary_ctxt/ {print $2}' "$t/status")" \
+            "$(cut -d' ' -f2 "$t/schedstat")"
     done
 }
 
@@ -179,25 +181,26 @@ ok = oha["statusCodeDistribution"].get("200", 0)
 def read(name):
     rows = {}
     for line in open(f"{d}/{name}"):
-        comm, ticks, vol, invol = line.rstrip("\n").split("\t")
+        comm, ticks, vol, invol, waited = line.rstrip("\n").split("\t")
         user, sys_ = map(int, ticks.split())
         key = comm
         while key in rows:  # threads sharing a name
             key += "'"
-        rows[key] = (user, sys_, int(vol), int(invol))
+        rows[key] = (user, sys_, int(vol), int(invol), int(waited))
     return rows
 before, after = read("before.tsv"), read("after.tsv")
 per_10k = lambda ticks: ticks / hz / n * 1e4
-user = sum(a[0] - before.get(k, (0,) * 4)[0] for k, a in after.items())
-sys_ = sum(a[1] - before.get(k, (0,) * 4)[1] for k, a in after.items())
+user = sum(a[0] - before.get(k, (0,) * 5)[0] for k, a in after.items())
+sys_ = sum(a[1] - before.get(k, (0,) * 5)[1] for k, a in after.items())
 print(f"{target}: {oha['summary']['requestsPerSec']:.0f} req/s, {ok}/{n} 200s")
 print(f"CPU s/10k: {per_10k(user + sys_):.3f} (user {per_10k(user):.3f}, system {per_10k(sys_):.3f})")
-print(f"{'thread':<18}{'CPU s':>8}{'switches':>10}{'preempted':>11}")
+# "waited s": time ready to run while another task had the core.
+print(f"{'thread':<18}{'CPU s':>8}{'switches':>10}{'preempted':>11}{'waited s':>10}")
 for k, a in after.items():
-    b = before.get(k, (0,) * 4)
+    b = before.get(k, (0,) * 5)
     cpu = (a[0] + a[1] - b[0] - b[1]) / hz
     if cpu or a[2] - b[2] or a[3] - b[3]:
-        print(f"{k:<18}{cpu:>8.2f}{a[2] - b[2]:>10}{a[3] - b[3]:>11}")
+        print(f"{k:<18}{cpu:>8.2f}{a[2] - b[2]:>10}{a[3] - b[3]:>11}{(a[4] - b[4]) / 1e9:>10.2f}")
 # Cores used over the load: the proxy, the upstream, the collector, the
 # rest (the load generator, and kernel time in interrupts charged to no
 # process), and idle.
