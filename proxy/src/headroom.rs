@@ -27,10 +27,15 @@ pub fn make_room_in_request(req: &mut RequestHeader, additional: usize) {
     let round_trips = req.raw_path_is_utf8()
         && req.uri.path_and_query().map(|p| p.as_str().as_bytes()) == Some(req.raw_path());
     let verbatim = (!round_trips).then(|| req.raw_path().to_vec());
+    // Nor whether an HTTP/2 request's headers end its stream.
+    let ends_stream = req.send_end_stream();
     let placeholder = RequestHeader::from(http::Request::new(()).into_parts().0);
     let mut parts = ReqParts::from(std::mem::replace(req, placeholder));
     parts.headers.reserve(additional);
     *req = RequestHeader::from(parts);
+    if let Some(ends) = ends_stream {
+        req.set_send_end_stream(ends);
+    }
     if let Some(target) = verbatim {
         // pingora parsed these very bytes with this function, so it cannot
         // refuse them now; if it did, the URI's path would be forwarded,
@@ -119,6 +124,17 @@ mod tests {
                 .expect("header");
         }
         assert_eq!(req.headers.capacity(), capacity, "the added headers fit");
+    }
+
+    #[test]
+    fn an_http2_request_keeps_whether_its_headers_end_the_stream() {
+        for ends in [true, false] {
+            let mut req = parsed_request(b"/", SENT);
+            req.set_version(http::Version::HTTP_2);
+            req.set_send_end_stream(ends);
+            make_room_in_request(&mut req, 8);
+            assert_eq!(req.send_end_stream(), Some(ends));
+        }
     }
 
     #[test]
