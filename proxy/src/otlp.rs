@@ -144,31 +144,56 @@ fn string_array_attribute<S: AsRef<str>>(b: &mut Vec<u8>, key: &str, items: &[S]
     });
 }
 
-/// Writes into `out` (cleared first) an `ExportTraceServiceRequest` of
-/// one resource (`service.name`) and one scope (`tether`), around `spans`
-/// as [`encode_span`] wrote them.
-pub fn export_request(out: &mut Vec<u8>, service_name: &str, spans: &[u8]) {
-    out.clear();
-    out.reserve(spans.len() + 128);
-    nested(out, 1, |resource_spans| {
-        nested(resource_spans, 1, |resource| {
+/// What comes before the spans in an `ExportTraceServiceRequest` of one
+/// resource (`service.name`) and one scope (`tether`). The queued spans
+/// follow it as [`encode_span`] wrote them, never moved: an export
+/// copies them once, into the transport's buffer, where wrapping them
+/// in their three enclosing fields shifted the whole batch three times.
+pub struct Envelope {
+    /// `ResourceSpans.resource`, field and all.
+    resource: Vec<u8>,
+    /// `ScopeSpans.scope`, field and all.
+    scope: Vec<u8>,
+}
+
+impl Envelope {
+    pub fn new(service_name: &str) -> Envelope {
+        let mut resource = Vec::new();
+        nested(&mut resource, 1, |resource| {
             attribute_in(resource, 1, "service.name", |av| {
                 string(av, 1, service_name)
             });
         });
-        nested(resource_spans, 2, |scope_spans| {
-            nested(scope_spans, 1, |scope| {
-                string(scope, 1, "tether");
-                string(scope, 2, env!("CARGO_PKG_VERSION"));
-            });
-            scope_spans.extend_from_slice(spans);
+        let mut scope = Vec::new();
+        nested(&mut scope, 1, |scope| {
+            string(scope, 1, "tether");
+            string(scope, 2, env!("CARGO_PKG_VERSION"));
         });
-    });
+        Envelope { resource, scope }
+    }
+
+    /// The request's bytes up to `spans_len` bytes of spans: the lengths
+    /// of the enclosing fields are known before the spans are written.
+    pub fn head(&self, spans_len: usize) -> Vec<u8> {
+        let scope_spans_len = self.scope.len() + spans_len;
+        let mut scope_spans_key = Vec::with_capacity(11);
+        encode_key(2, WireType::LengthDelimited, &mut scope_spans_key);
+        encode_varint(scope_spans_len as u64, &mut scope_spans_key);
+        let resource_spans_len = self.resource.len() + scope_spans_key.len() + scope_spans_len;
+
+        let mut head = Vec::with_capacity(11 + resource_spans_len - spans_len);
+        encode_key(1, WireType::LengthDelimited, &mut head);
+        encode_varint(resource_spans_len as u64, &mut head);
+        head.extend_from_slice(&self.resource);
+        head.extend_from_slice(&scope_spans_key);
+        head.extend_from_slice(&self.scope);
+        head
+    }
 }
 
 /// A length-delimited field whose body `body` writes. Bodies are written
-/// in place after a one-byte length; the rare body of 128 bytes or more
-/// is shifted to make room for a longer length.
+/// in place after a one-byte length; a body of 128 bytes or more (a span
+/// always is) is shifted up to make room for a longer length.
 fn nested(b: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     encode_key(field, WireType::LengthDelimited, b);
     let at = b.len();
@@ -184,7 +209,10 @@ fn nested(b: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
         let mut room = &mut prefix[..];
         encode_varint(len as u64, &mut room);
         let written = 10 - room.len();
-        b.splice(at..at + 1, prefix[..written].iter().copied());
+        let end = b.len();
+        b.resize(end + written - 1, 0);
+        b.copy_within(at + 1..end, at + written);
+        b[at..at + written].copy_from_slice(&prefix[..written]);
     }
 }
 
@@ -274,6 +302,33 @@ pub(crate) mod tests {
         }
     }
 
+    fn sampled_root() -> SpanContext {
+        SpanContext::new(
+            TraceId::from(7),
+            SpanId::from(9),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        )
+    }
+
+    /// A root span that starts and ends at the epoch.
+    fn at_epoch(context: &SpanContext) -> SpanHeader<'_> {
+        SpanHeader {
+            context,
+            parent: None,
+            start: UNIX_EPOCH,
+            end: UNIX_EPOCH,
+        }
+    }
+
+    /// A whole request, as an export sends it: the head, then the spans.
+    fn export_request(service_name: &str, spans: &[u8]) -> Vec<u8> {
+        let mut body = Envelope::new(service_name).head(spans.len());
+        body.extend_from_slice(spans);
+        body
+    }
+
     fn value(attributes: &[KeyValue], key: &str) -> Option<Value> {
         attributes
             .iter()
@@ -317,8 +372,7 @@ pub(crate) mod tests {
         denied.reason = "upstream_unavailable";
         encode_span(&mut spans, &header, &denied);
 
-        let mut body = vec![1, 2, 3]; // cleared before use
-        export_request(&mut body, "tether-test", &spans);
+        let body = export_request("tether-test", &spans);
         let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("valid OTLP");
         let [resource_spans] = request.resource_spans.as_slice() else {
             panic!("one resource: {request:?}");
@@ -419,24 +473,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_batch_of_any_size_is_one_valid_request() {
+        let context = sampled_root();
+        let header = at_epoch(&context);
+        let long_name = "s".repeat(300);
+        // Batches whose length takes one, two and three bytes to write.
+        for count in [0, 1, 30, 200] {
+            let mut spans = Vec::new();
+            for _ in 0..count {
+                encode_span(&mut spans, &header, &record(&[], None));
+            }
+            let request =
+                ExportTraceServiceRequest::decode(export_request(&long_name, &spans).as_slice())
+                    .expect("valid OTLP");
+            let [resource_spans] = request.resource_spans.as_slice() else {
+                panic!("one resource: {request:?}");
+            };
+            let resource = resource_spans.resource.as_ref().expect("resource");
+            assert_eq!(
+                value(&resource.attributes, "service.name"),
+                text(&long_name)
+            );
+            let [scope_spans] = resource_spans.scope_spans.as_slice() else {
+                panic!("one scope");
+            };
+            assert_eq!(scope_spans.scope.as_ref().expect("scope").name, "tether");
+            assert_eq!(scope_spans.spans.len(), count, "{} bytes", spans.len());
+        }
+    }
+
+    #[test]
     fn a_root_span_has_no_parent_and_says_so() {
-        let context = SpanContext::new(
-            TraceId::from(7),
-            SpanId::from(9),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::default(),
-        );
-        let header = SpanHeader {
-            context: &context,
-            parent: None,
-            start: UNIX_EPOCH,
-            end: UNIX_EPOCH,
-        };
+        let context = sampled_root();
+        let header = at_epoch(&context);
         let mut spans = Vec::new();
         encode_span(&mut spans, &header, &record(&[], None));
-        let mut body = Vec::new();
-        export_request(&mut body, "t", &spans);
+        let body = export_request("t", &spans);
         let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("valid OTLP");
         let span = &request.resource_spans[0].scope_spans[0].spans[0];
         assert!(span.parent_span_id.is_empty());

@@ -105,9 +105,9 @@ impl Telemetry {
         };
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queued::default()),
-            buffers: Mutex::new(ExportBuffers::default()),
+            spare: Mutex::new(Vec::new()),
             max_queue: otlp.max_queue,
-            service_name: config.service_name.clone(),
+            envelope: otlp::Envelope::new(&config.service_name),
             dropped,
             transport,
             runtime: runtime.handle().clone(),
@@ -250,23 +250,52 @@ struct Queued {
     spans: usize,
 }
 
-#[derive(Default)]
-struct ExportBuffers {
-    /// Swapped with the queue's buffer at each export.
-    spans: Vec<u8>,
-    /// The request; lent to the transport as `Bytes` and taken back.
-    body: Vec<u8>,
+/// One `ExportTraceServiceRequest`: the envelope's head, then the spans
+/// as they were queued. The transport reads the two in turn, so the
+/// batch is never copied to put the head in front of it.
+struct ExportMessage {
+    head: Bytes,
+    spans: Bytes,
+}
+
+/// The OTLP/HTTP request body: the head, then the spans, each a frame;
+/// its exact length becomes the request's `content-length`.
+impl http_body::Body for ExportMessage {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let next = if this.head.is_empty() {
+            std::mem::take(&mut this.spans)
+        } else {
+            std::mem::take(&mut this.head)
+        };
+        std::task::Poll::Ready((!next.is_empty()).then(|| Ok(http_body::Frame::data(next))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.spans.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact((self.head.len() + self.spans.len()) as u64)
+    }
 }
 
 struct Shared {
     queue: Mutex<Queued>,
-    /// The exporter's buffers, kept with their capacity from one export
-    /// to the next: in steady state an export allocates nothing, and no
-    /// large buffer is freed on a thread other than the one that made it
-    /// (which costs the allocator pages it is slow to take back).
-    buffers: Mutex<ExportBuffers>,
+    /// Swapped with the queue's buffer at each export, and kept with its
+    /// capacity from one export to the next: in steady state an export
+    /// allocates no large buffer, and none is freed on a thread other
+    /// than the one that made it (which costs the allocator pages it is
+    /// slow to take back).
+    spare: Mutex<Vec<u8>>,
     max_queue: usize,
-    service_name: String,
+    envelope: otlp::Envelope,
     /// Spans lost: queue full, or export failed.
     dropped: IntCounter,
     transport: Transport,
@@ -279,29 +308,33 @@ impl Shared {
     /// counts) those spans rather than hold memory for a collector that
     /// may not come back.
     fn export_queued(&self) {
-        let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        let ExportBuffers { spans, body } = &mut *buffers;
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
         let count = {
             let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             // The queue gets the (empty) buffer of the previous export.
-            std::mem::swap(&mut queue.bytes, spans);
+            std::mem::swap(&mut queue.bytes, &mut spare);
             std::mem::take(&mut queue.spans)
         };
         if count == 0 {
             return;
         }
-        otlp::export_request(body, &self.service_name, spans);
-        spans.clear();
-        let lent = Bytes::from(std::mem::take(body));
+        let message = ExportMessage {
+            head: self.envelope.head(spare.len()).into(),
+            // Lent to the transport and taken back.
+            spans: Bytes::from(std::mem::take(&mut *spare)),
+        };
+        let spans = message.spans.clone();
         let sent = self.runtime.block_on(async {
-            tokio::time::timeout(EXPORT_TIMEOUT, self.transport.send(lent.clone()))
+            tokio::time::timeout(EXPORT_TIMEOUT, self.transport.send(message))
                 .await
                 .unwrap_or_else(|_| Err("timed out".into()))
         });
-        // The transport has let go of the body unless the send was cut
-        // short; then the next export starts a new one.
-        if let Ok(back) = lent.try_into_mut() {
-            *body = back.into();
+        // The transport has let go of the spans unless the send was cut
+        // short; then the next export starts a new buffer.
+        if let Ok(back) = spans.try_into_mut() {
+            let mut back = Vec::from(back);
+            back.clear();
+            *spare = back;
         }
         if let Err(e) = sent {
             self.dropped.inc_by(count as u64);
@@ -362,13 +395,13 @@ impl Transport {
     }
 
     /// Sends one `ExportTraceServiceRequest`.
-    async fn send(&self, body: Bytes) -> Result<(), String> {
+    async fn send(&self, message: ExportMessage) -> Result<(), String> {
         match self {
             Transport::Grpc(grpc) => {
                 let mut grpc = grpc.clone();
                 grpc.ready().await.map_err(|e| e.to_string())?;
                 let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT);
-                grpc.unary(tonic::Request::new(body), path, EncodedCodec)
+                grpc.unary(tonic::Request::new(message), path, EncodedCodec)
                     .await
                     .map(drop)
                     .map_err(|status| status.to_string())
@@ -377,7 +410,7 @@ impl Transport {
                 let response = client
                     .post(url)
                     .header("content-type", "application/x-protobuf")
-                    .body(body)
+                    .body(reqwest::Body::wrap(message))
                     .send()
                     .await
                     .map_err(|e| e.to_string())?;
@@ -397,7 +430,7 @@ impl Transport {
 struct EncodedCodec;
 
 impl tonic::codec::Codec for EncodedCodec {
-    type Encode = Bytes;
+    type Encode = ExportMessage;
     type Decode = ();
     type Encoder = EncodedCodec;
     type Decoder = EncodedCodec;
@@ -412,16 +445,17 @@ impl tonic::codec::Codec for EncodedCodec {
 }
 
 impl tonic::codec::Encoder for EncodedCodec {
-    type Item = Bytes;
+    type Item = ExportMessage;
     type Error = tonic::Status;
 
     fn encode(
         &mut self,
-        item: Bytes,
+        item: ExportMessage,
         dst: &mut tonic::codec::EncodeBuf<'_>,
     ) -> Result<(), tonic::Status> {
         use bytes::BufMut as _;
-        dst.put_slice(&item);
+        dst.put_slice(&item.head);
+        dst.put_slice(&item.spans);
         Ok(())
     }
 }
