@@ -111,6 +111,16 @@ impl fmt::Display for RequestId {
     }
 }
 
+/// The W3C trace context the upstream receives, so that the API's own
+/// spans join the trace of Tether's span for the request.
+#[derive(Debug, Clone)]
+pub struct TraceContext {
+    pub traceparent: HeaderValue,
+    /// The caller's `tracestate`, passed on; `None` removes one the
+    /// caller sent that was empty or unparsable.
+    pub tracestate: Option<HeaderValue>,
+}
+
 /// Everything known about one request. Stages fill it in order: a field
 /// is `None` until the stage that owns it has run (and stays `None` if an
 /// earlier stage denied).
@@ -124,6 +134,9 @@ pub struct RequestCtx {
     pub snapshot: Arc<Snapshot>,
     /// The TCP peer's address.
     pub client_addr: Option<IpAddr>,
+    /// Set by the proxy when it traces the request; the credentials
+    /// stage forwards it.
+    pub trace_context: Option<TraceContext>,
     /// The verified X.509-SVID: the client's, from the TLS handshake
     /// (ingress), or the pod's own (egress).
     pub peer: Option<Arc<PeerIdentity>>,
@@ -164,6 +177,7 @@ impl RequestCtx {
             started: SystemTime::now(),
             snapshot,
             client_addr: None,
+            trace_context: None,
             peer: None,
             keys_refetched: false,
             path: SmolStr::default(),

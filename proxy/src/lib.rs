@@ -9,7 +9,6 @@ pub mod client;
 pub mod demo;
 pub mod echo;
 pub mod explain;
-pub mod headroom;
 pub mod jwks;
 pub mod otlp;
 pub mod proxy;

@@ -11,13 +11,13 @@ use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, Result};
-use tether_filters::credentials::REQUEST_ID_HEADER;
+use tether_filters::credentials::{REQUEST_ID, REQUEST_ID_HEADER};
+use tether_filters::headers;
 use tether_filters::mcp;
 use tether_filters::record::AuditRecord;
 use tether_filters::{Denial, Progress, Reason, RequestCtx};
 
 use crate::app::App;
-use crate::headroom;
 use crate::telemetry::{RequestSpan, Telemetry};
 use crate::tls::peer_identity;
 use crate::upstreams::Upstreams;
@@ -51,11 +51,6 @@ enum ToolsList {
 
 /// Most bytes of a `tools/list` response held for filtering.
 const MAX_TOOLS_LIST: usize = 4 * 1024 * 1024;
-
-/// Headers a request can gain on its way through: the identity headers
-/// (credentials stage), `traceparent` and `tracestate`, and `Host` from an
-/// absolute-form target. Room is made for them all at once.
-const REQUEST_HEADERS_ADDED: usize = tether_filters::credentials::HEADERS_ADDED + 3;
 
 /// Headers a response can gain: the request id, and for a filtered
 /// `tools/list` its content type and transfer encoding.
@@ -144,11 +139,10 @@ impl ProxyHttp for TetherProxy {
             Some(workload) => Some(workload.current().identity.clone()),
             None => peer_identity(session),
         };
-        ctx.span = self
-            .app
-            .telemetry
-            .start(session.req_header(), ctx.req.started);
-        headroom::make_room_in_request(session.req_header_mut(), REQUEST_HEADERS_ADDED);
+        let telemetry = &self.app.telemetry;
+        ctx.span = telemetry.start(session.req_header(), ctx.req.started);
+        // Forwarded by the chain's last stage, with the identity headers.
+        ctx.req.trace_context = ctx.span.as_ref().and_then(|s| telemetry.trace_context(s));
         let mut progress = self.app.chain.run(session.req_header_mut(), &mut ctx.req);
         loop {
             let resume_at = match progress {
@@ -193,11 +187,6 @@ impl ProxyHttp for TetherProxy {
             );
             return self.refuse_at(session, ctx, "upstream", denial).await;
         }
-        // Into the request pingora copies for the upstream, so that copy,
-        // made with no spare room, needs none.
-        if let Some(span) = &ctx.span {
-            self.app.telemetry.inject(span, session.req_header_mut());
-        }
         Ok(false)
     }
 
@@ -214,8 +203,15 @@ impl ProxyHttp for TetherProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        headroom::make_room_in_response(resp, RESPONSE_HEADERS_ADDED);
-        resp.insert_header(REQUEST_ID_HEADER, ctx.req.request_id.text().as_str())?;
+        let request_id = ctx
+            .req
+            .request_id
+            .header_value()
+            .map_err(|e| Error::because(pingora::ErrorType::InternalError, "request id", e))?;
+        headers::edit_response(resp, RESPONSE_HEADERS_ADDED, |headers| {
+            headers.try_insert(REQUEST_ID, request_id)
+        })
+        .map_err(|e| Error::because(pingora::ErrorType::InternalError, "response headers", e))?;
         if ctx
             .req
             .mcp

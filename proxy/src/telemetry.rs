@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use arrayvec::ArrayString;
 use bytes::{Buf as _, Bytes};
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -25,6 +25,8 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use pingora_http::RequestHeader;
 use prometheus::IntCounter;
 use tether_config::OtlpProtocol;
+use tether_filters::context::TraceContext;
+use tether_filters::credentials::TRACEPARENT;
 use tether_filters::record::{AuditRecord, TraceIdText};
 
 use crate::otlp::{self, SpanHeader};
@@ -49,14 +51,6 @@ struct Exporting {
     // Runs the transport's connection tasks; dropped last.
     _runtime: tokio::runtime::Runtime,
 }
-
-/// The W3C trace-context headers.
-const TRACEPARENT: &str = "traceparent";
-const TRACESTATE: &str = "tracestate";
-/// The names as `http` keeps them: a lookup or removal by one of these
-/// skips parsing the name each time.
-const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
-const TRACESTATE_NAME: HeaderName = HeaderName::from_static(TRACESTATE);
 
 /// `version-traceid-spanid-flags`, version 00: 55 characters.
 fn traceparent(context: &SpanContext) -> ArrayString<55> {
@@ -143,7 +137,7 @@ impl Telemetry {
         self.inner.as_ref()?;
         // Most requests start a trace: the propagator, which builds a
         // context to say so, is asked only when there is one to continue.
-        let caller = if req.headers.contains_key(&TRACEPARENT_NAME) {
+        let caller = if req.headers.contains_key(&TRACEPARENT) {
             let extracted = self.propagator.extract(&HeaderExtractor(&req.headers));
             extracted.span().span_context().clone()
         } else {
@@ -176,21 +170,23 @@ impl Telemetry {
         })
     }
 
-    /// Adds the span's `traceparent` (and the caller's `tracestate`) to the
-    /// request as forwarded, so the API's own spans join the same trace.
-    /// Written as the SDK's propagator writes them (a test holds the two
-    /// equal), without the context, vector and strings it builds for it.
-    pub fn inject(&self, span: &RequestSpan, req: &mut RequestHeader) {
-        if let Ok(value) = HeaderValue::from_str(&traceparent(&span.context)) {
-            let _ = req.insert_header(TRACEPARENT, value);
-        }
+    /// The span's `traceparent` (and the caller's `tracestate`) for the
+    /// request as forwarded (the credentials stage adds them), so the
+    /// API's own spans join the same trace. Written as the SDK's
+    /// propagator writes them (a test holds the two equal), without the
+    /// context, vector and strings it builds for it.
+    pub fn trace_context(&self, span: &RequestSpan) -> Option<TraceContext> {
+        // Hex digits and dashes: this cannot fail.
+        let traceparent = HeaderValue::from_str(&traceparent(&span.context)).ok()?;
         // An empty or unparsable state from the caller is not passed on.
         let state = span.context.trace_state().header();
-        if state.is_empty() {
-            req.remove_header(&TRACESTATE_NAME);
-        } else if let Ok(value) = HeaderValue::from_str(&state) {
-            let _ = req.insert_header(TRACESTATE, value);
-        }
+        let tracestate = (!state.is_empty())
+            .then(|| HeaderValue::from_str(&state).ok())
+            .flatten();
+        Some(TraceContext {
+            traceparent,
+            tracestate,
+        })
     }
 
     /// Ends the span with the request's facts: queues it for export.
@@ -491,6 +487,7 @@ mod tests {
 
     use opentelemetry::propagation::Injector;
     use opentelemetry::Context;
+    use tether_filters::credentials::TRACESTATE;
 
     use super::*;
     use crate::otlp::tests::record;
@@ -534,16 +531,17 @@ mod tests {
                 let span = telemetry
                     .start(&from_caller, SystemTime::now())
                     .expect("a span");
-                // The upstream request starts as a copy of the caller's.
-                let mut upstream = from_caller.clone();
-                telemetry.inject(&span, &mut upstream);
-                let mut sent: Vec<(String, String)> = [TRACEPARENT, TRACESTATE]
-                    .into_iter()
-                    .filter_map(|name| {
-                        let value = upstream.headers.get(name)?.to_str().expect("ascii");
-                        Some((name.to_string(), value.to_string()))
-                    })
-                    .collect();
+                let trace = telemetry.trace_context(&span).expect("a trace context");
+                let mut sent: Vec<(String, String)> = [
+                    (TRACEPARENT, Some(trace.traceparent)),
+                    (TRACESTATE, trace.tracestate),
+                ]
+                .into_iter()
+                .filter_map(|(name, value)| {
+                    let value = value?.to_str().expect("ascii").to_string();
+                    Some((name.to_string(), value))
+                })
+                .collect();
                 sent.sort();
                 assert_eq!(sent, sdk_injects(&telemetry, &span), "{caller:?} {state:?}");
                 assert_eq!(sent[0].1.len(), 55, "{sent:?}");
@@ -606,9 +604,8 @@ mod tests {
         let span = telemetry
             .start(&request(Some(caller)), SystemTime::now())
             .expect("a span");
-        let mut upstream = request(None);
-        telemetry.inject(&span, &mut upstream);
-        let sent = upstream.headers["traceparent"].to_str().expect("ascii");
+        let trace = telemetry.trace_context(&span).expect("a trace context");
+        let sent = trace.traceparent.to_str().expect("ascii");
         assert!(
             sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
             "{sent}"
