@@ -16,7 +16,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{SpanContext, SpanId};
-use prost::encoding::{encode_key, encode_varint, WireType};
+use prost::encoding::{encode_varint, WireType};
 use tether_filters::record::AuditRecord;
 
 /// `Span.SpanKind.SPAN_KIND_SERVER`.
@@ -67,7 +67,7 @@ pub fn encode_span(buf: &mut Vec<u8>, span: &SpanHeader<'_>, r: &AuditRecord<'_>
             0
         };
         let flags = FLAG_HAS_IS_REMOTE | remote | u32::from(span.context.trace_flags().to_u8());
-        encode_key(16, WireType::ThirtyTwoBit, b);
+        put_key(b, 16, WireType::ThirtyTwoBit);
         b.extend_from_slice(&flags.to_le_bytes());
     });
 }
@@ -177,13 +177,13 @@ impl Envelope {
     pub fn head(&self, spans_len: usize) -> Vec<u8> {
         let scope_spans_len = self.scope.len() + spans_len;
         let mut scope_spans_key = Vec::with_capacity(11);
-        encode_key(2, WireType::LengthDelimited, &mut scope_spans_key);
-        encode_varint(scope_spans_len as u64, &mut scope_spans_key);
+        put_key(&mut scope_spans_key, 2, WireType::LengthDelimited);
+        put_varint(&mut scope_spans_key, scope_spans_len as u64);
         let resource_spans_len = self.resource.len() + scope_spans_key.len() + scope_spans_len;
 
         let mut head = Vec::with_capacity(11 + resource_spans_len - spans_len);
-        encode_key(1, WireType::LengthDelimited, &mut head);
-        encode_varint(resource_spans_len as u64, &mut head);
+        put_key(&mut head, 1, WireType::LengthDelimited);
+        put_varint(&mut head, resource_spans_len as u64);
         head.extend_from_slice(&self.resource);
         head.extend_from_slice(&scope_spans_key);
         head.extend_from_slice(&self.scope);
@@ -195,7 +195,7 @@ impl Envelope {
 /// in place after a one-byte length; a body of 128 bytes or more (a span
 /// always is) is shifted up to make room for a longer length.
 fn nested(b: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
-    encode_key(field, WireType::LengthDelimited, b);
+    put_key(b, field, WireType::LengthDelimited);
     let at = b.len();
     b.push(0);
     body(b);
@@ -226,26 +226,43 @@ fn string(b: &mut Vec<u8>, field: u32, s: &str) {
 
 /// A string field written from its parts.
 fn string_parts(b: &mut Vec<u8>, field: u32, parts: &[&str]) {
-    encode_key(field, WireType::LengthDelimited, b);
-    encode_varint(parts.iter().map(|p| p.len()).sum::<usize>() as u64, b);
+    put_key(b, field, WireType::LengthDelimited);
+    put_varint(b, parts.iter().map(|p| p.len()).sum::<usize>() as u64);
     for part in parts {
         b.extend_from_slice(part.as_bytes());
     }
 }
 
 fn bytes(b: &mut Vec<u8>, field: u32, value: &[u8]) {
-    encode_key(field, WireType::LengthDelimited, b);
-    encode_varint(value.len() as u64, b);
+    put_key(b, field, WireType::LengthDelimited);
+    put_varint(b, value.len() as u64);
     b.extend_from_slice(value);
 }
 
+/// A varint. Nearly every one written here (field keys, most lengths)
+/// takes one byte: that case is inlined, where prost's general encoder
+/// was a call for each, 26 a span.
+#[inline]
+fn put_varint(b: &mut Vec<u8>, value: u64) {
+    if value < 0x80 {
+        b.push(value as u8);
+    } else {
+        encode_varint(value, b);
+    }
+}
+
+#[inline]
+fn put_key(b: &mut Vec<u8>, field: u32, wire_type: WireType) {
+    put_varint(b, u64::from(field << 3 | wire_type as u32));
+}
+
 fn varint(b: &mut Vec<u8>, field: u32, value: u64) {
-    encode_key(field, WireType::Varint, b);
-    encode_varint(value, b);
+    put_key(b, field, WireType::Varint);
+    put_varint(b, value);
 }
 
 fn fixed64(b: &mut Vec<u8>, field: u32, value: u64) {
-    encode_key(field, WireType::SixtyFourBit, b);
+    put_key(b, field, WireType::SixtyFourBit);
     b.extend_from_slice(&value.to_le_bytes());
 }
 
