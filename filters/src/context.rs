@@ -76,32 +76,38 @@ impl Delegation {
     }
 }
 
-/// A request id: random, printed as 16 hex digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestId(pub u64);
+/// A request id: random, printed as 16 hex digits. The digits are written
+/// once, as a header value whose bytes the request, the response and
+/// pingora's copy of the request for the upstream all share; the audit
+/// line, the span and a refusal's body read them as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(HeaderValue);
 
-/// A request id as text, held inline: it goes into a request header, a
-/// response header, the audit line and the span, and costs no allocation.
+/// A request id as text, held inline: it goes into the audit line, the
+/// span and a refusal's body, and costs no allocation.
 pub type RequestIdText = ArrayString<16>;
 
 impl RequestId {
-    /// The id as its 16 hex digits.
-    pub fn text(self) -> RequestIdText {
-        // Hex digits are ASCII, so this cannot fail.
-        RequestIdText::from_byte_string(&self.digits()).unwrap_or_default()
-    }
-
-    /// The id as a header value. Its bytes are allocated once and shared:
-    /// pingora's copy of the request for the upstream copies nothing.
-    pub fn header_value(self) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
-        HeaderValue::from_maybe_shared(Bytes::from_owner(self.digits()))
-    }
-
-    fn digits(self) -> [u8; 16] {
+    pub fn new(id: u64) -> RequestId {
         let mut digits = [0u8; 16];
         // 8 bytes are exactly 16 digits: this cannot fail.
-        let _ = hex::encode_to_slice(self.0.to_be_bytes(), &mut digits);
-        digits
+        let _ = hex::encode_to_slice(id.to_be_bytes(), &mut digits);
+        // Hex digits are always a valid value: the decimal fallback is
+        // never reached, and keeps this infallible without a panic.
+        let value = HeaderValue::from_maybe_shared(Bytes::from_owner(digits))
+            .unwrap_or_else(|_| HeaderValue::from(id));
+        RequestId(value)
+    }
+
+    /// The id as its 16 hex digits.
+    pub fn text(&self) -> RequestIdText {
+        let text = self.0.to_str().unwrap_or_default();
+        RequestIdText::from(text).unwrap_or_default()
+    }
+
+    /// The id as a header value: a handle on the same bytes.
+    pub fn header_value(&self) -> HeaderValue {
+        self.0.clone()
     }
 }
 
@@ -173,7 +179,7 @@ impl RequestCtx {
     /// A fresh context for a request served under `snapshot`.
     pub fn new(snapshot: Arc<Snapshot>) -> RequestCtx {
         RequestCtx {
-            request_id: RequestId(rand_u64()),
+            request_id: RequestId::new(rand_u64()),
             started: SystemTime::now(),
             snapshot,
             client_addr: None,
@@ -238,15 +244,12 @@ mod tests {
 
     #[test]
     fn a_request_id_reads_the_same_as_text_header_and_display() {
-        for id in [0, 1, 0xabcdef, 0x0123_4567_89ab_cdef, u64::MAX, rand_u64()] {
-            let id = RequestId(id);
-            let printed = format!("{:016x}", id.0);
+        for n in [0, 1, 0xabcdef, 0x0123_4567_89ab_cdef, u64::MAX, rand_u64()] {
+            let id = RequestId::new(n);
+            let printed = format!("{n:016x}");
             assert_eq!(id.text().as_str(), printed);
             assert_eq!(id.to_string(), printed);
-            assert_eq!(
-                id.header_value().expect("hex is a valid value"),
-                printed.as_str()
-            );
+            assert_eq!(id.header_value(), printed.as_str());
         }
     }
 }

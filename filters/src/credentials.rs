@@ -43,7 +43,7 @@ impl Filter for Credentials {
             ));
         };
         let internal = || Denial::new(Reason::Internal, "cannot set identity headers");
-        let request_id = ctx.request_id.header_value().map_err(|_| internal())?;
+        let request_id = ctx.request_id.header_value();
         headers::edit_request(req, HEADERS_ADDED, |headers| {
             // Built when the registry loaded (non-ASCII owner names travel
             // as raw bytes, which HTTP allows in field values), and shared.

@@ -148,10 +148,20 @@ impl CompiledRoute {
         } else {
             &self.resource_prefix
         };
-        let mut text = String::with_capacity(prefix.len() + m.resource.id.len() + 1);
+        let id = &m.resource.id;
+        let mut text = String::with_capacity(prefix.len() + id.len() + 1);
         text.push_str(prefix);
-        // Escaped as Cedar's `Display` for an entity id escapes it.
-        text.extend(m.resource.id.escape_debug());
+        // Escaped as Cedar's `Display` for an entity id escapes it
+        // (`escape_debug`), which leaves printable ASCII but quotes and
+        // backslash as it is: nearly every id, copied whole.
+        let plain = id
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && !matches!(b, b'"' | b'\'' | b'\\'));
+        if plain {
+            text.push_str(id);
+        } else {
+            text.extend(id.escape_debug());
+        }
         text.push('"');
         Some(text)
     }
@@ -524,6 +534,9 @@ mod tests {
             r"back\slash",
             "line\nbreak",
             "zürich ✓",
+            "it's",
+            "tab\there",
+            "del\u{7f}",
             "",
         ];
         for (index, action, tool) in [

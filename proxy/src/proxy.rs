@@ -96,12 +96,11 @@ impl TetherProxy {
 }
 
 async fn write_refusal(session: &mut Session, ctx: &Ctx, denial: &Denial) -> Result<()> {
-    let request_id = ctx.req.request_id.text();
     let body = Bytes::from(ctx.req.refusal_body(denial));
     let mut resp = ResponseHeader::build(denial.reason.status(), Some(4))?;
     resp.insert_header("content-type", "application/json")?;
     resp.insert_header("content-length", body.len().to_string())?;
-    resp.insert_header(REQUEST_ID_HEADER, request_id.as_str())?;
+    resp.insert_header(REQUEST_ID_HEADER, ctx.req.request_id.header_value())?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
@@ -203,11 +202,7 @@ impl ProxyHttp for TetherProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let request_id = ctx
-            .req
-            .request_id
-            .header_value()
-            .map_err(|e| Error::because(pingora::ErrorType::InternalError, "request id", e))?;
+        let request_id = ctx.req.request_id.header_value();
         headers::edit_response(resp, RESPONSE_HEADERS_ADDED, |headers| {
             headers.try_insert(REQUEST_ID, request_id)
         })
