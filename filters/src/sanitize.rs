@@ -127,16 +127,20 @@ pub fn normalize_path(path: &str) -> Result<SmolStr, &'static str> {
 /// no empty, `.` or `..` segment (a trailing `/` aside) and only printable
 /// ASCII. Then it is kept as it is, without being rebuilt.
 fn is_normal(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix('/') else {
+    // Over bytes: splitting the `str` on a `char` searched for each
+    // separator through a call apiece, a tenth of the stage.
+    let Some((b'/', rest)) = path.as_bytes().split_first() else {
         return false;
     };
     if rest.is_empty() {
         return true;
     }
-    let segments = rest.strip_suffix('/').unwrap_or(rest);
+    let segments = rest.strip_suffix(b"/").unwrap_or(rest);
     path.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%')
         && !segments.is_empty()
-        && segments.split('/').all(|s| !matches!(s, "" | "." | ".."))
+        && segments
+            .split(|&b| b == b'/')
+            .all(|s| !matches!(s, b"" | b"." | b".."))
 }
 
 /// [`normalize_path`] for a path that is not already normal.
