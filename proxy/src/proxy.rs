@@ -52,10 +52,6 @@ enum ToolsList {
 /// Most bytes of a `tools/list` response held for filtering.
 const MAX_TOOLS_LIST: usize = 4 * 1024 * 1024;
 
-/// Headers a response can gain: the request id, and for a filtered
-/// `tools/list` its content type and transfer encoding.
-const RESPONSE_HEADERS_ADDED: usize = 3;
-
 impl TetherProxy {
     /// A proxy forwarding to `upstreams`.
     pub fn new(app: Arc<App>, upstreams: Upstreams) -> TetherProxy {
@@ -127,7 +123,8 @@ impl ProxyHttp for TetherProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        ctx.req.started = SystemTime::now();
+        // `started` was stamped by `new_ctx`, which pingora calls once the
+        // request's head has been read.
         ctx.req.client_addr = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -203,7 +200,11 @@ impl ProxyHttp for TetherProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let request_id = ctx.req.request_id.header_value();
-        headers::edit_response(resp, RESPONSE_HEADERS_ADDED, |headers| {
+        // Room for the one header every response gains. pingora sizes the
+        // map for the headers the upstream sent, with some slack: room for
+        // more than one (the rare filtered `tools/list` adds two) made
+        // nearly every response's map grow, rehashing it.
+        headers::edit_response(resp, 1, |headers| {
             headers.try_insert(REQUEST_ID, request_id)
         })
         .map_err(|e| Error::because(pingora::ErrorType::InternalError, "response headers", e))?;
