@@ -27,18 +27,23 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn the_example_config_loads_with_its_registry_schema_and_policies() {
+/// A copy of `deploy/examples` with the certificates it names, which are
+/// never committed, made for it.
+fn example_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("dir");
     copy_dir(&repo().join("deploy/examples"), dir.path());
-    // Certificates are never committed: make the ones the example names.
     let pki = Pki::new("example.org").expect("pki");
     let server = pki.server(&["localhost"]).expect("server cert");
     let certs = dir.path().join("certs");
     std::fs::write(certs.join("server.pem"), &server.cert_pem).expect("write");
     std::fs::write(certs.join("server-key.pem"), &server.key_pem).expect("write");
     std::fs::write(certs.join("example.org.bundle.pem"), pki.ca_pem()).expect("write");
+    dir
+}
 
+#[test]
+fn the_example_config_loads_with_its_registry_schema_and_policies() {
+    let dir = example_dir();
     let path = dir.path().join("tether.yaml");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.registry.agents.len(), 4);
@@ -180,6 +185,31 @@ fn the_egress_example_loads_with_a_pod_svid() {
     let config = Config::load(&dir.path().join("egress.yaml")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.mode, tether_config::Mode::Egress);
     assert_eq!(config.upstreams.len(), 2);
+}
+
+/// `tether check | head` and the like: a reader that has gone is no
+/// reason to panic (Rust's `println!` does on a closed pipe).
+#[test]
+fn a_reader_that_closed_the_pipe_gets_a_quiet_exit_not_a_panic() {
+    let dir = example_dir();
+    let config = dir.path().join("tether.yaml");
+    for args in [
+        vec!["schema"],
+        vec!["check", "--config", config.to_str().expect("utf-8")],
+    ] {
+        // The reading end is closed before the child starts: its first
+        // write fails with EPIPE, every time.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(TETHER)
+            .args(&args)
+            .stdout(writer)
+            .output()
+            .expect("tether runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
 }
 
 #[test]

@@ -1,13 +1,15 @@
 //! `tether check`: everything `run` would load, validated, without serving.
 
+use std::io::Write;
 use std::path::Path;
 
 use tether_config::Config;
 use tether_filters::Snapshot;
 
 /// Validates the config and all it refers to. Prints every problem,
-/// located, and returns whether there were none.
-pub fn run(config_path: &Path) -> anyhow::Result<bool> {
+/// located (errors to stderr, warnings and the summary to `out`), and
+/// returns whether there were none.
+pub fn run(config_path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(errors) => return Ok(report(&errors.to_string())),
@@ -48,14 +50,16 @@ pub fn run(config_path: &Path) -> anyhow::Result<bool> {
         return Ok(report(&format!("{}: {e:#}", config_path.display())));
     }
     for w in tether_filters::lint::lint(&snapshot) {
-        println!(
+        writeln!(
+            out,
             "{}: warning: {}: {}",
             config_path.display(),
             w.subject,
             w.message
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "{}: ok: {} agents, {} routes, {} policies, {} trust domains, {} token issuers",
         config_path.display(),
         snapshot.registry.len(),
@@ -63,7 +67,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<bool> {
         snapshot.policy.set.policies().count(),
         config.trust_domains.len(),
         config.tokens.issuers.len()
-    );
+    )?;
     Ok(true)
 }
 

@@ -1,5 +1,6 @@
 //! The `tether` command line.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -79,7 +80,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => tether::server::run(&config).map(|()| true),
-        Command::Check { config } => tether::check::run(&config),
+        Command::Check { config } => {
+            // Buffered: a large policy set can have thousands of warnings,
+            // and stdout would otherwise write each line on its own.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            tether::check::run(&config, &mut out).and_then(|ok| Ok(out.flush().map(|()| ok)?))
+        }
         Command::Explain {
             config,
             cases: Some(cases),
@@ -110,16 +116,27 @@ fn main() -> ExitCode {
         }
         Command::Demo => tether::demo::run(),
         Command::Schema => {
-            print!("{}", tether_config::Config::json_schema());
-            Ok(true)
+            let schema = tether_config::Config::json_schema();
+            std::io::stdout()
+                .write_all(schema.as_bytes())
+                .map(|()| true)
+                .map_err(Into::into)
         }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
+        // The reader went away (`tether check | head`): nothing left to
+        // say to it, and nothing to say about it.
+        Err(e) if is_broken_pipe(&e) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
