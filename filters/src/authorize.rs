@@ -74,8 +74,12 @@ pub struct PolicyEngine {
     pub set: PolicySet,
     /// Cedar's validation warnings about `set`.
     pub warnings: Vec<Warning>,
-    /// The registered agents as Cedar entities.
+    /// The registered agents as Cedar entities, with the schema's actions.
     pub entities: Entities,
+    /// The schema's actions as entities (their groups as parents): a
+    /// decision that builds its own entities needs them for
+    /// `action in Action::"group"` to hold.
+    actions: Vec<Entity>,
     /// Policies evaluated beside `set` and recorded, never enforced.
     pub shadow: Option<PolicySet>,
     /// `set`, sliced per principal and action for evaluation.
@@ -263,7 +267,14 @@ impl PolicyEngine {
                  declared as `entity Agent {{ owner: String, team: String }}`"
             )
         })?;
+        let actions = schema
+            .action_entities()
+            .map_err(|e| format!("the schema's actions: {e}"))?
+            .iter()
+            .cloned()
+            .collect();
         Ok(PolicyEngine {
+            actions,
             slices: Slices::new(&set, &schema),
             shadow_slices: shadow.as_ref().map(|s| Slices::new(s, &schema)),
             schema,
@@ -432,7 +443,9 @@ pub fn evaluate(snapshot: &Snapshot, input: &DecisionInput) -> Decision {
         Ok(None) => &engine.entities,
         Ok(Some(resource)) => {
             let agent_entity = engine.entities.get(&agent.uid).cloned();
-            match Entities::from_entities(agent_entity.into_iter().chain([resource]), None) {
+            let actions = engine.actions.iter().cloned();
+            let all = agent_entity.into_iter().chain(actions).chain([resource]);
+            match Entities::from_entities(all, None) {
                 Ok(e) => {
                     with_resource = e;
                     &with_resource
@@ -1135,6 +1148,55 @@ mod tests {
             "{}",
             errors[0].message
         );
+    }
+
+    #[test]
+    fn a_route_with_resource_attributes_keeps_the_action_groups() {
+        // A `forbid` on an action group must hold on a route that builds
+        // its own entities for the resource's attributes: without the
+        // schema's actions among them, `action in Action::"Write"` is
+        // false and the forbid never fires.
+        let schema = "entity Agent { owner: String, team: String };\n\
+                      entity Repo { protected: Bool };\n\
+                      action Write;\n\
+                      action Delete in [Write] appliesTo { principal: [Agent], resource: [Repo] };";
+        let yaml = format!(
+            "listener: {{address: '127.0.0.1:0', tls: {{cert: c, key: k}}}}\n\
+             trust_domains: [{{name: example.org, bundle: b}}]\n\
+             upstream: {{address: '127.0.0.1:1'}}\n\
+             registry: {{agents: [{{id: '{}', owner: a, team: t, expires: '2999-01-01'}}]}}\n\
+             policy: {{schema: s, policies: p}}\n\
+             routes:\n\
+             - {{method: DELETE, path: '/prod/{{r}}', action: Delete, resource: {{type: Repo, id: '{{r}}', attributes: {{protected: true}}}}}}\n\
+             - {{method: DELETE, path: '/dev/{{r}}', action: Delete, resource: {{type: Repo, id: '{{r}}', attributes: {{protected: false}}}}}}\n",
+            testing::ALICE_BOT
+        );
+        let config = tether_config::Config::from_yaml(&yaml, Path::new("t.yaml")).expect("config");
+        let policies = "@id(\"all\") permit(principal, action, resource);\n\
+                        @id(\"no-protected-writes\") forbid(principal, action in Action::\"Write\", resource) \
+                        when { resource.protected };";
+        let snapshot = Arc::new(
+            Snapshot::build(
+                &config,
+                Path::new("t.yaml"),
+                1,
+                &source("s.cedarschema", schema),
+                &[source("p.cedar", policies)],
+                None,
+            )
+            .expect("valid"),
+        );
+        let prod = evaluate(
+            &snapshot,
+            &testing::input(&snapshot, testing::ALICE_BOT, "DELETE", "/prod/api"),
+        );
+        assert!(!prod.allowed, "{prod:?}");
+        assert_eq!(prod.policies, ["no-protected-writes"]);
+        let dev = evaluate(
+            &snapshot,
+            &testing::input(&snapshot, testing::ALICE_BOT, "DELETE", "/dev/api"),
+        );
+        assert!(dev.allowed, "{dev:?}");
     }
 
     #[test]
