@@ -239,6 +239,13 @@ fn spoofed_identity_headers_are_replaced_by_the_verified_ones() {
                     "x-forwarded-client-cert",
                     "By=spiffe://example.org/agents/admin",
                 ),
+                ("x_tether_agent", "spiffe://example.org/agents/admin"),
+                // The proxy strips what `Connection` names before it
+                // forwards: it must not take Tether's headers with it.
+                (
+                    "connection",
+                    "x-tether-agent, x-tether-owner, x-tether-request-id, traceparent",
+                ),
             ],
         )
         .expect("response");
@@ -247,6 +254,8 @@ fn spoofed_identity_headers_are_replaced_by_the_verified_ones() {
     assert_eq!(headers["x-tether-owner"], "alice@example.org");
     assert_eq!(headers["x-tether-agent"], TRIAGE);
     assert!(headers.get("x-tether-anything").is_none(), "{headers}");
+    assert!(headers.get("x_tether_agent").is_none(), "{headers}");
+    assert!(headers.get("x-tether-request-id").is_some(), "{headers}");
     assert!(
         headers.get("x-forwarded-client-cert").is_none(),
         "{headers}"

@@ -90,19 +90,81 @@ fn is_target(raw: &[u8], path: &str, query: Option<&str>) -> bool {
     }
 }
 
-/// Removes `x-forwarded-client-cert` and every `x-tether-*` header.
+/// Headers Tether sets for the upstream besides its own `x-tether-*`:
+/// the trace context of its span.
+const TRACE_CONTEXT: &[&str] = &["traceparent", "tracestate"];
+
+/// Whether `name` (lower case) is Tether's to set, or a spelling of one
+/// with `_` for `-` (`x_tether_agent`), which CGI-style servers read as
+/// the same header.
+fn is_tethers(name: &str) -> bool {
+    let prefix = TETHER_PREFIX.as_bytes();
+    let spelled_alike = name.len() >= prefix.len()
+        && name
+            .bytes()
+            .zip(prefix)
+            .all(|(b, &p)| b == p || (b == b'_' && p == b'-'));
+    spelled_alike || SPOOFABLE.contains(&name)
+}
+
+/// Removes `x-forwarded-client-cert` and every `x-tether-*` header, and
+/// keeps `Connection` from naming a header Tether sets.
 pub fn strip_identity_headers(req: &mut RequestHeader) {
     let doomed: Vec<_> = req
         .headers
         .keys()
-        .filter(|name| {
-            let n = name.as_str(); // header names are stored lower case
-            n.starts_with(TETHER_PREFIX) || SPOOFABLE.contains(&n)
-        })
+        .filter(|name| is_tethers(name.as_str())) // stored lower case
         .cloned()
         .collect();
     for name in doomed {
         req.remove_header(&name);
+    }
+    if req.headers.contains_key(http::header::CONNECTION) {
+        drop_tethers_from_connection(req);
+    }
+}
+
+/// The proxy removes the headers `Connection` names before it forwards a
+/// request, after the stages have run: `Connection: x-tether-agent` would
+/// remove the identity Tether adds. Such names are dropped from it (the
+/// caller's own headers of those names are gone already); the rest, such
+/// as `keep-alive` or `upgrade`, stay.
+fn drop_tethers_from_connection(req: &mut RequestHeader) {
+    let names_tethers = |token: &str| {
+        let token = token.trim().to_ascii_lowercase();
+        is_tethers(&token) || TRACE_CONTEXT.contains(&token.as_str())
+    };
+    let values: Vec<http::HeaderValue> = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .cloned()
+        .collect();
+    let any = values.iter().any(|v| {
+        // A value that is not text names no header the proxy would strip
+        // by it; it is left as it is.
+        v.to_str().is_ok_and(|v| v.split(',').any(names_tethers))
+    });
+    if !any {
+        return;
+    }
+    req.remove_header(&http::header::CONNECTION);
+    for value in values {
+        let Ok(text) = value.to_str() else {
+            let _ = req.append_header(http::header::CONNECTION, value);
+            continue;
+        };
+        let kept: Vec<&str> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !names_tethers(t))
+            .collect();
+        // Tokens of a valid value joined by `, ` make a valid value.
+        if let Ok(kept) = http::HeaderValue::from_str(&kept.join(", ")) {
+            if !kept.is_empty() {
+                let _ = req.append_header(http::header::CONNECTION, kept);
+            }
+        }
     }
 }
 
@@ -294,22 +356,65 @@ mod tests {
         for name in [
             "X-Tether-Owner",
             "x-tether-agent",
+            "X_Tether_Agent",
+            "x-tether_owner",
             "X-Forwarded-Client-Cert",
         ] {
             req.insert_header(name, "spoofed").expect("header");
         }
         req.insert_header("x-keep", "yes").expect("header");
+        req.insert_header("x_tether", "kept: not the prefix")
+            .expect("header");
         let mut ctx = testing::ctx();
         Sanitize.apply(&mut req, &mut ctx).expect("passes");
         assert_eq!(ctx.path, "/v1/admin");
         assert_eq!(req.uri.to_string(), "/v1/admin?x=1");
-        assert!(req.headers.get("x-tether-owner").is_none());
-        assert!(req.headers.get("x-tether-agent").is_none());
-        assert!(req.headers.get("x-forwarded-client-cert").is_none());
+        for gone in [
+            "x-tether-owner",
+            "x-tether-agent",
+            "x_tether_agent",
+            "x-tether_owner",
+            "x-forwarded-client-cert",
+        ] {
+            assert!(req.headers.get(gone).is_none(), "{gone}");
+        }
+        assert!(req.headers.get("x_tether").is_some());
         assert_eq!(
             req.headers.get("x-keep").map(|v| v.as_bytes()),
             Some(&b"yes"[..])
         );
+    }
+
+    #[test]
+    fn connection_cannot_name_the_headers_tether_sets() {
+        let connection = |values: &[&str]| {
+            let mut req = RequestHeader::build("GET", b"/v1/x", None).expect("request");
+            for v in values {
+                req.append_header("connection", *v).expect("header");
+            }
+            Sanitize
+                .apply(&mut req, &mut testing::ctx())
+                .expect("passes");
+            let kept: Vec<String> = req
+                .headers
+                .get_all("connection")
+                .iter()
+                .map(|v| v.to_str().expect("text").to_string())
+                .collect();
+            kept
+        };
+        assert_eq!(
+            connection(&[
+                "keep-alive, X-Tether-Agent,x-tether-owner",
+                "TraceParent , x-custom"
+            ]),
+            ["keep-alive", "x-custom"]
+        );
+        assert_eq!(
+            connection(&["x_tether_request_id, tracestate, x-forwarded-client-cert"]),
+            Vec::<String>::new()
+        );
+        assert_eq!(connection(&["close"]), ["close"]);
     }
 
     #[test]
