@@ -353,8 +353,8 @@ fn check_tokens(p: &mut Problems<'_>, c: &Config) {
         match (&jwks.file, &jwks.url) {
             (Some(file), None) => p.file_exists(&at("jwks.file"), file),
             (None, Some(url)) => {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    p.push(at("jwks.url"), format!("`{url}` is not an http(s) URL"));
+                if let Err(e) = check_jwks_url(url) {
+                    p.push(at("jwks.url"), e);
                 }
                 if jwks.refresh_seconds == 0 || jwks.max_age_seconds < jwks.refresh_seconds {
                     p.push(
@@ -396,6 +396,37 @@ fn check_tokens(p: &mut Problems<'_>, c: &Config) {
                 );
             }
         }
+    }
+}
+
+/// A JWKS URL must be `https://`: the keys it serves decide who may mint
+/// tokens, and over plain HTTP anyone on the path could serve their own.
+/// Plain `http://` is allowed to a loopback address only (a node-local
+/// agent or a test), where there is no path to be on.
+fn check_jwks_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!("`{url}` is not an https:// URL"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{url}` would fetch the signing keys without TLS, and anyone on the path could \
+             then mint tokens: use https:// (plain http:// only to a loopback address)"
+        ))
     }
 }
 
@@ -572,4 +603,33 @@ fn is_cedar_ident(s: &str) -> bool {
 
 fn is_cedar_path(s: &str) -> bool {
     !s.is_empty() && s.split("::").all(is_cedar_ident)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwks_urls_are_https_or_loopback_http() {
+        for ok in [
+            "https://login.example.org/jwks.json",
+            "http://127.0.0.1:8081/keys",
+            "http://localhost/keys",
+            "http://[::1]:80/keys",
+            "http://127.9.9.9",
+        ] {
+            assert_eq!(check_jwks_url(ok), Ok(()), "{ok}");
+        }
+        for refused in [
+            "http://login.example.org/jwks.json",
+            "http://10.0.0.1/keys",
+            // The host is what follows userinfo, not what precedes it.
+            "http://127.0.0.1@evil.example/keys",
+            "http://localhost.evil.example/keys",
+            "ftp://127.0.0.1/keys",
+            "login.example.org/jwks.json",
+        ] {
+            assert!(check_jwks_url(refused).is_err(), "{refused}");
+        }
+    }
 }
