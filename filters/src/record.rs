@@ -410,6 +410,11 @@ struct PendingLines {
     lines: usize,
 }
 
+/// Bytes the queue holds at most, whatever `max_queue` says: a line's
+/// size is the caller's to choose (its path, for one), so a count alone
+/// would not bound memory.
+const MAX_QUEUE_BYTES: usize = 32 << 20;
+
 /// How often the writer wakes to write what is queued. Queuing a line
 /// never wakes a thread (a wake-up per request cost about a tenth of the
 /// proxy's CPU).
@@ -474,7 +479,7 @@ impl AuditSink {
     pub fn write(&self, record: &AuditRecord<'_>) {
         let queue = &self.queue;
         let mut pending = queue.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.lines >= queue.max_queue {
+        if pending.lines >= queue.max_queue || pending.bytes.len() >= MAX_QUEUE_BYTES {
             drop(pending);
             queue.dropped.inc();
             return;
@@ -501,16 +506,25 @@ fn write_lines(queue: &AuditQueue, writer: Box<dyn Write + Send>) {
         // Read before taking the lines, so none queued before closing is
         // left behind.
         let closing = queue.closing.load(Ordering::Acquire);
-        {
+        let lines = {
             let mut pending = queue.pending.lock().unwrap_or_else(|p| p.into_inner());
             // The queue gets the writer's emptied buffer, capacity kept.
             std::mem::swap(&mut pending.bytes, &mut batch);
-            pending.lines = 0;
-        }
-        if !batch.is_empty() && (out.write_all(&batch).is_err() || out.flush().is_err()) {
-            log::error!("cannot write audit lines");
+            std::mem::take(&mut pending.lines)
+        };
+        if !batch.is_empty() {
+            if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
+                // A full disk or a closed pipe loses the batch: counted
+                // whole, as how much of it reached the output is unknown.
+                queue.dropped.inc_by(lines as u64);
+                log::error!("cannot write {lines} audit lines: {e}");
+            }
         }
         batch.clear();
+        if batch.capacity() > MAX_QUEUE_BYTES {
+            // A burst of huge lines does not keep its buffer for good.
+            batch = Vec::new();
+        }
         if closing {
             return;
         }
@@ -634,6 +648,55 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(line).expect("json line");
             assert_eq!(v["reason"], "no_route");
         }
+    }
+
+    #[test]
+    fn lines_a_full_disk_refuses_are_counted_as_dropped() {
+        // /dev/full takes the open and refuses every write (ENOSPC).
+        let metrics = Metrics::new().expect("metrics");
+        let (sink, handle) =
+            AuditSink::start("/dev/full", 100, metrics.audit_dropped.clone()).expect("sink");
+        let ctx = testing::ctx();
+        for _ in 0..5 {
+            sink.write(&AuditRecord::new(&ctx, "GET", Reason::NoRoute, 403, None));
+        }
+        drop(sink);
+        handle.join().expect("writer");
+        assert_eq!(metrics.audit_dropped.get(), 5);
+    }
+
+    #[test]
+    fn the_queue_holds_a_bounded_number_of_bytes_whatever_the_lines_hold() {
+        use std::os::fd::AsRawFd as _;
+        // The output is a pipe nobody reads: the writer's first write
+        // blocks once the pipe is full, and the queue is left to fill.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        let output = format!("/proc/self/fd/{}", writer.as_raw_fd());
+        let metrics = Metrics::new().expect("metrics");
+        let (sink, handle) =
+            AuditSink::start(&output, 1_000_000, metrics.audit_dropped.clone()).expect("sink");
+        drop(writer);
+        let mut ctx = testing::ctx();
+        let line = 1 << 20;
+        let long = format!("/{}", "a".repeat(line));
+        ctx.path = long.as_str().into();
+        // The writer may hold one queue's worth when its write blocks.
+        let lines = 2 * (MAX_QUEUE_BYTES / line) + 8;
+        for _ in 0..lines {
+            sink.write(&AuditRecord::new(&ctx, "GET", Reason::NoRoute, 403, None));
+        }
+        let held = sink.queue.pending.lock().expect("lock").bytes.len();
+        assert!(held < MAX_QUEUE_BYTES + 2 * line, "{held} bytes held");
+        assert!(
+            metrics.audit_dropped.get() >= 8,
+            "lines over the bound were refused"
+        );
+        // The reader goes: every write fails, and every line is counted,
+        // those refused and those the writer could not write alike.
+        drop(sink);
+        drop(reader);
+        handle.join().expect("writer");
+        assert_eq!(metrics.audit_dropped.get(), lines as u64);
     }
 
     #[test]

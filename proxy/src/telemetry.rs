@@ -38,6 +38,17 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// stays at a batch or so under load, whatever the interval.
 const EXPORT_BATCH: usize = 512;
 
+/// Queued bytes that wake the export thread likewise: a span's size is
+/// partly the caller's to choose (its path), so a count alone would let a
+/// batch grow past what a collector takes.
+const EXPORT_BATCH_BYTES: usize = 1 << 20;
+
+/// Bytes the queue holds at most, whatever `max_queue` says: under a
+/// collector's default limit on one message (4 MiB for gRPC), so a batch
+/// is never refused whole for its size, and memory stays bounded when
+/// spans are large.
+const MAX_QUEUE_BYTES: usize = (4 << 20) - (64 << 10);
+
 /// Span export, or nothing when no collector is configured.
 pub struct Telemetry {
     inner: Option<Exporting>,
@@ -208,14 +219,23 @@ impl Telemetry {
             .queue
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if queue.spans >= exporting.shared.max_queue {
+        let before = queue.bytes.len();
+        if queue.spans >= exporting.shared.max_queue || before >= MAX_QUEUE_BYTES {
             drop(queue);
             exporting.shared.dropped.inc();
             return;
         }
         otlp::encode_span(&mut queue.bytes, &header, record);
+        if queue.bytes.len() > MAX_QUEUE_BYTES {
+            // This one span would take the batch over the bound.
+            queue.bytes.truncate(before);
+            drop(queue);
+            exporting.shared.dropped.inc();
+            return;
+        }
         queue.spans += 1;
-        if queue.spans.is_multiple_of(EXPORT_BATCH) {
+        let big = before < EXPORT_BATCH_BYTES && queue.bytes.len() >= EXPORT_BATCH_BYTES;
+        if queue.spans.is_multiple_of(EXPORT_BATCH) || big {
             drop(queue);
             exporting.thread.unpark();
         }
@@ -630,6 +650,31 @@ mod tests {
             .expect("a span");
         assert!(root.parent.is_none() && root.context.is_sampled());
         assert_eq!(queued(&telemetry), 1, "a sampled caller's span is queued");
+    }
+
+    #[test]
+    fn the_queue_holds_a_bounded_number_of_bytes_whatever_the_spans_hold() {
+        // A collector that takes the connection and never answers: the
+        // first export waits, and the queue is left to fill.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let endpoint = format!("http://{}", silent.local_addr().expect("addr"));
+        let (telemetry, dropped) = telemetry(OtlpProtocol::Grpc, endpoint, 1_000_000, 600_000);
+        let policies = Vec::new();
+        let long = format!("/{}", "a".repeat(256 << 10));
+        let mut sent = 0;
+        while dropped.get() < 4 {
+            let span = telemetry
+                .start(&request(None), SystemTime::now())
+                .expect("a span");
+            let mut record = record(&policies, None);
+            record.path = &long;
+            telemetry.finish(span, &record);
+            sent += 1;
+            let shared = &telemetry.inner.as_ref().expect("exporting").shared;
+            let held = shared.queue.lock().expect("queue").bytes.len();
+            assert!(held <= MAX_QUEUE_BYTES, "{held} bytes queued");
+            assert!(sent < 200, "nothing was ever dropped");
+        }
     }
 
     #[test]
