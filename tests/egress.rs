@@ -298,3 +298,26 @@ fn a_delegation_token_refines_the_pod_identity() {
     assert_eq!(r.status, 401, "{r:?}");
     assert_eq!(r.json().expect("json")["reason"], "token_not_bound");
 }
+
+#[test]
+fn in_ingress_mode_a_workload_svid_is_shown_upstreams_never_taken_as_the_caller() {
+    // An ingress sidecar may hold an SVID for upstreams that want mTLS;
+    // it must never become the identity of a caller who has none.
+    let pki = Pki::new("example.org").expect("pki");
+    let dir = tempfile::tempdir().expect("dir");
+    let leaf = pki.leaf(&[TRIAGE]).expect("leaf");
+    let (cert, key) = (dir.path().join("svid.pem"), dir.path().join("svid-key.pem"));
+    std::fs::write(&cert, &leaf.cert_pem).expect("cert");
+    std::fs::write(&key, &leaf.key_pem).expect("key");
+    let w = World::with(move |c: &mut Config| {
+        c.workload = Some(Workload { cert, key });
+        c.listener.client_auth = tether_config::ClientAuth::Optional;
+    });
+    let anonymous = w
+        .send(None, "GET", "/v1/repos/tether/issues", &[])
+        .expect("response");
+    assert_eq!(anonymous.status, 401, "{anonymous:?}");
+    assert_eq!(anonymous.json().expect("json")["reason"], "no_identity");
+    let triage = w.get(TRIAGE, "/v1/repos/tether/issues");
+    assert_eq!(triage.status, 200, "{triage:?}");
+}

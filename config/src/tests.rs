@@ -161,3 +161,25 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+#[test]
+fn an_egress_listener_binds_to_loopback_tls_or_not() {
+    // Whoever reaches an egress listener speaks as the pod's own SVID.
+    for listener in [
+        "listener:\n  address: 0.0.0.0:15001\n",
+        "listener:\n  address: 0.0.0.0:15001\n  tls: {cert: server.pem, key: server-key.pem}\n",
+    ] {
+        let text = MINIMAL.replacen(
+            "listener:\n  address: 127.0.0.1:8443\n  tls: {cert: server.pem, key: server-key.pem}\n",
+            &format!("mode: egress\nworkload: {{cert: svid.pem, key: svid-key.pem}}\n{listener}"),
+            1,
+        );
+        assert!(text.contains("mode: egress"), "the listener was replaced");
+        let errors = parse(&text).expect("parses").validate();
+        let e = errors
+            .iter()
+            .find(|e| e.field == "listener.address")
+            .unwrap_or_else(|| panic!("no listener error for {listener:?}: {errors:?}"));
+        assert!(e.message.contains("loopback"), "{}", e.message);
+    }
+}

@@ -63,24 +63,24 @@ pub(crate) fn config(c: &Config) -> Vec<ConfigError> {
             "listener.tls",
             "missing: in ingress mode agents connect over TLS (plain HTTP is for egress mode, on loopback)",
         ),
-        (None, Mode::Egress) => {
-            // Plain HTTP carries no identity: only the pod itself may
-            // reach it, so it must not listen beyond loopback.
-            if c
-                .listener
-                .address
-                .parse::<SocketAddr>()
-                .is_ok_and(|a| !a.ip().is_loopback())
-            {
-                p.push(
-                    "listener.address",
-                    format!(
-                        "`{}`: a plain-HTTP egress listener must bind to loopback (e.g. `127.0.0.1:15001`)",
-                        c.listener.address
-                    ),
-                );
-            }
-        }
+        (None, Mode::Egress) => {}
+    }
+    // In egress mode whoever reaches the listener speaks as the pod's own
+    // SVID, TLS or not: only the pod itself may reach it.
+    if c.mode == Mode::Egress
+        && c.listener
+            .address
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback())
+    {
+        p.push(
+            "listener.address",
+            format!(
+                "`{}`: an egress listener must bind to loopback (e.g. `127.0.0.1:15001`): \
+                 whoever reaches it speaks as the pod's own SVID",
+                c.listener.address
+            ),
+        );
     }
     p.address("admin.address", &c.admin.address);
     check_upstreams(&mut p, c);

@@ -11,6 +11,7 @@ use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, Result};
+use tether_config::Mode;
 use tether_filters::credentials::{REQUEST_ID, REQUEST_ID_HEADER};
 use tether_filters::headers;
 use tether_filters::mcp;
@@ -130,10 +131,11 @@ impl ProxyHttp for TetherProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         // Egress: the pod's own SVID is the identity of whatever the agent
-        // sends; ingress: the client's, from the handshake.
-        ctx.req.peer = match &self.app.workload {
-            Some(workload) => Some(workload.current().identity.clone()),
-            None => peer_identity(session),
+        // sends; ingress: the client's, from the handshake (an ingress
+        // `workload` is only what Tether shows upstreams).
+        ctx.req.peer = match (self.app.config.mode, &self.app.workload) {
+            (Mode::Egress, Some(workload)) => Some(workload.current().identity.clone()),
+            _ => peer_identity(session),
         };
         let telemetry = &self.app.telemetry;
         ctx.span = telemetry.start(session.req_header(), ctx.req.started);
