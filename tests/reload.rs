@@ -223,3 +223,67 @@ fn the_listener_certificate_rotates_without_dropping_connections() {
     let listener_expiry = w.metric("tether_certificate_expiry_seconds{certificate=\"listener\"}");
     assert!(listener_expiry > 0.0, "{listener_expiry}");
 }
+
+#[test]
+fn a_resumed_tls_session_is_verified_again_against_the_bundles_of_now() {
+    // A resumed session brings back the chain of the handshake it resumes
+    // without the certificate verifier seeing it: a CA the operator has
+    // since removed must not keep vouching for it.
+    use tether::client::Client;
+    use tether_config::{AgentSpec, AgentState, Expiry, TrustDomain};
+    use tether_filters::identity::pki::Pki;
+    const OTHER: &str = "spiffe://other.org/agents/x";
+    let other = Pki::new("other.org").expect("pki");
+    let dir = tempfile::tempdir().expect("dir");
+    let bundle = dir.path().join("other.pem");
+    std::fs::write(&bundle, other.ca_pem()).expect("bundle");
+    let configured = bundle.clone();
+    let w = World::with(move |c| {
+        c.trust_domains.push(TrustDomain {
+            name: "other.org".into(),
+            bundle: configured,
+        });
+        c.registry.agents.push(AgentSpec {
+            id: OTHER.into(),
+            owner: "olga@other.org".into(),
+            team: "platform".into(),
+            purpose: String::new(),
+            expires: Expiry::parse("2999-12-31").expect("date"),
+            review_by: None,
+            state: AgentState::Active,
+        });
+    });
+    let leaf = other.leaf(&[OTHER]).expect("leaf");
+    let client = Client::resuming(
+        w.sandbox.proxy,
+        &w.sandbox.pki.ca_pem(),
+        Some((&leaf.cert_pem, &leaf.key_pem)),
+    )
+    .expect("client");
+    let send = || {
+        w.rt.block_on(client.send("GET", "/v1/repos/tether/issues", &[]))
+    };
+    assert_eq!(send().expect("first connection").status, 200);
+    assert_eq!(send().expect("resumed connection").status, 200);
+
+    // other.org's CA is replaced by another.
+    let successor = Pki::new("other.org").expect("pki");
+    std::fs::write(&bundle, successor.ca_pem()).expect("bundle");
+    let (status, body) = w.rt.block_on(post_reload(w.sandbox.admin));
+    assert_eq!(status, 200, "{body}");
+    // Refused at the handshake is as good as refused in the request.
+    if let Ok(r) = send() {
+        assert_eq!(r.status, 401, "{r:?}");
+        assert_eq!(r.json().expect("json")["reason"], "no_identity");
+    }
+    let fresh = Client::new(
+        w.sandbox.proxy,
+        &w.sandbox.pki.ca_pem(),
+        Some((&leaf.cert_pem, &leaf.key_pem)),
+    )
+    .expect("client");
+    assert!(w
+        .rt
+        .block_on(fresh.send("GET", "/v1/repos/tether/issues", &[]))
+        .is_err());
+}

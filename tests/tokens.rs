@@ -266,6 +266,13 @@ fn a_token_must_belong_to_the_client_certificate() {
     assert_eq!(send(key.token(&bound)).status, 200);
     bound["cnf"] = json!({"x5t#S256": mint::x5t_s256(other.der())});
     assert_refused(&send(key.token(&bound)), 401, "token_not_bound");
+    // A bound token stolen and sent with no certificate at all.
+    bound["cnf"] = json!({"x5t#S256": mint::x5t_s256(leaf.der())});
+    assert_refused(
+        &bearer(&w, "GET", "/v1/repos/tether/issues", &key.token(&bound)),
+        401,
+        "token_not_bound",
+    );
 }
 
 /// A JWKS server on loopback whose key set can change, counting fetches.

@@ -53,6 +53,26 @@ impl Client {
         ca_pem: &str,
         identity: Option<(&str, &str)>,
     ) -> anyhow::Result<Client> {
+        Client::build(addr, ca_pem, identity, false)
+    }
+
+    /// As [`Client::new`], but a connection resumes the TLS session of an
+    /// earlier one when the server offers it, as most clients do: for
+    /// tests of what a resumed session may still do.
+    pub fn resuming(
+        addr: SocketAddr,
+        ca_pem: &str,
+        identity: Option<(&str, &str)>,
+    ) -> anyhow::Result<Client> {
+        Client::build(addr, ca_pem, identity, true)
+    }
+
+    fn build(
+        addr: SocketAddr,
+        ca_pem: &str,
+        identity: Option<(&str, &str)>,
+        resume: bool,
+    ) -> anyhow::Result<Client> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
             roots.add(cert?)?;
@@ -72,10 +92,13 @@ impl Client {
             }
             None => builder.with_no_client_auth(),
         };
-        // Every connection a full handshake: a test sees the certificates
-        // the server presents now, not those of a resumed session.
+        // Otherwise every connection a full handshake: a test sees the
+        // certificates the server presents now, not those of a resumed
+        // session.
         let mut config = config;
-        config.resumption = rustls::client::Resumption::disabled();
+        if !resume {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
         Ok(Client {
             connector: TlsConnector::from(Arc::new(config)),
             addr,

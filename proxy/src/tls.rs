@@ -58,16 +58,27 @@ pub fn listener_settings(
     server_cert: Arc<ServerCert>,
     verifier: Arc<SpiffeClientVerifier>,
 ) -> anyhow::Result<TlsSettings> {
-    let mut settings = TlsSettings::with_callbacks(Box::new(PeerIdentityCallback))
+    let callback = PeerIdentityCallback {
+        verifier: verifier.clone(),
+    };
+    let mut settings = TlsSettings::with_callbacks(Box::new(callback))
         .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
     settings.set_cert_resolver(server_cert);
     settings.set_client_cert_verifier(verifier);
     Ok(settings)
 }
 
-/// After a handshake the client certificate is already verified; parse its
-/// SPIFFE ID once per connection, not once per request.
-struct PeerIdentityCallback;
+/// After a handshake, the client certificate's SPIFFE ID, parsed once per
+/// connection rather than once per request.
+///
+/// The chain is verified again here, now, against the bundles loaded now:
+/// a resumed TLS session brings back the chain of the handshake it
+/// resumes without the verifier seeing it, so an SVID that has expired
+/// since, or whose CA a reload removed, would otherwise still connect.
+/// (A full handshake pays for a second check, once per connection.)
+struct PeerIdentityCallback {
+    verifier: Arc<SpiffeClientVerifier>,
+}
 
 #[async_trait]
 impl TlsAccept for PeerIdentityCallback {
@@ -75,7 +86,13 @@ impl TlsAccept for PeerIdentityCallback {
         &self,
         tls: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
-        let leaf = tls.peer_certificate_der()?;
+        use rustls::server::danger::ClientCertVerifier as _;
+        let (leaf, intermediates) = tls.peer_cert_chain_der()?.split_first()?;
+        // A refusal is counted and logged by the verifier; the request then
+        // finds no identity and is refused.
+        self.verifier
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .ok()?;
         match PeerIdentity::from_leaf_der(leaf) {
             Ok(peer) => Some(Arc::new(Arc::new(peer))),
             Err(e) => {

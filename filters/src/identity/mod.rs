@@ -77,15 +77,28 @@ impl Filter for Identity {
     }
 
     fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
+        let now = ctx
+            .started
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if let Some(peer) = &ctx.peer {
+            // Verified at the handshake, but a connection can outlive its
+            // certificate: an SVID lives about an hour, a keep-alive
+            // connection as long as it is used.
+            if peer.not_after < now {
+                return Err(Denial::new(
+                    Reason::NoIdentity,
+                    format!(
+                        "the certificate of `{}` expired {} s ago",
+                        peer.id,
+                        now - peer.not_after
+                    ),
+                ));
+            }
+        }
         let token = match self.bearer(req)? {
             None => None,
-            Some(token) => {
-                let now = ctx
-                    .started
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                Some(self.tokens.verify(token, now, Instant::now())?)
-            }
+            Some(token) => Some(self.tokens.verify(token, now, Instant::now())?),
         };
         ctx.principal = Some(match (token, &ctx.peer) {
             (None, None) => {
@@ -100,8 +113,20 @@ impl Filter for Identity {
                 delegation: None,
             },
             (Some(token), peer) => {
-                if let Some(peer) = peer {
-                    bind(&token, peer)?;
+                match peer {
+                    Some(peer) => bind(&token, peer)?,
+                    // RFC 8705: a token bound to a certificate is good only
+                    // with that certificate.
+                    None if token.cnf_x5t_s256.is_some() => {
+                        return Err(Denial::new(
+                            Reason::TokenNotBound,
+                            format!(
+                                "token of `{}` is bound to a certificate, and none was presented",
+                                token.agent
+                            ),
+                        ))
+                    }
+                    None => {}
                 }
                 // The token was for Tether (its audience), not the API: it
                 // goes no further, so the upstream cannot replay it.
@@ -156,6 +181,24 @@ mod tests {
         let p = ctx.principal.expect("principal");
         assert_eq!(p.id.as_str(), "spiffe://example.org/agents/a");
         assert_eq!(p.kind, IdentityKind::X509Svid);
+    }
+
+    #[test]
+    fn a_certificate_that_expired_since_the_handshake_is_no_identity() {
+        let mut ctx = testing::ctx();
+        let mut peer = testing::peer("spiffe://example.org/agents/a");
+        let now = ctx
+            .started
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs() as i64;
+        peer.not_after = now - 1;
+        ctx.peer = Some(Arc::new(peer));
+        let denial = testing::identity()
+            .apply(&mut testing::get("/"), &mut ctx)
+            .expect_err("denied");
+        assert_eq!(denial.reason, Reason::NoIdentity);
+        assert!(denial.detail.contains("expired"), "{}", denial.detail);
     }
 
     #[test]
