@@ -123,7 +123,14 @@ impl TokenVerifier {
                         audiences: c.audiences.clone(),
                         algorithms: c.algorithms.clone(),
                         agent_claim: c.agent_claim.clone(),
-                        trust_domain: c.trust_domain.clone(),
+                        // An `oidc` issuer with only a prefix names agents
+                        // in the prefix's domain, as config validation
+                        // assumes when it checks the registry.
+                        trust_domain: c.trust_domain.clone().or_else(|| {
+                            let prefix = c.agent_prefix.as_deref()?;
+                            let id = SpiffeId::parse(&format!("{prefix}x")).ok()?;
+                            Some(id.trust_domain().to_string())
+                        }),
                         agent_prefix: c.agent_prefix.clone(),
                         keys,
                     },
@@ -491,9 +498,13 @@ impl Issuer {
                 let td = self.trust_domain.as_deref().unwrap_or_default();
                 SpiffeId::parse(&format!("spiffe://{td}/ns/{namespace}/sa/{account}")).map_err(bad)
             }
+            // Whatever the claim says, the agent is in the issuer's trust
+            // domain: a partner's IdP cannot name one of ours.
             TokenKind::Oidc => match (&self.agent_prefix, value.starts_with("spiffe://")) {
-                (_, true) => SpiffeId::parse(value).map_err(bad),
-                (Some(prefix), false) => SpiffeId::parse(&format!("{prefix}{value}")).map_err(bad),
+                (_, true) => in_domain(SpiffeId::parse(value).map_err(bad)?),
+                (Some(prefix), false) => {
+                    in_domain(SpiffeId::parse(&format!("{prefix}{value}")).map_err(bad)?)
+                }
                 (None, false) => Err(bad(format!(
                     "`{}` is not a SPIFFE ID and `{}` has no `agent_prefix`",
                     clip(value),

@@ -372,6 +372,29 @@ fn oidc_claims_map_by_prefix_and_the_agent_claim_is_configurable() {
         check(&v, &rsa().token(&with(claims(), json!({"azp": "a/../b"})))).map(|t| t.agent),
         Err(Reason::TokenClaims)
     );
+    // A SPIFFE ID as the claim stays in the prefix's trust domain.
+    let inside = json!({"azp": "spiffe://example.org/agents/triage"});
+    assert!(check(&v, &rsa().token(&with(claims(), inside))).is_ok());
+    let outside = json!({"azp": "spiffe://partner.example/agents/x"});
+    assert_eq!(
+        check(&v, &rsa().token(&with(claims(), outside))).map(|t| t.agent),
+        Err(Reason::TokenClaims)
+    );
+}
+
+#[test]
+fn an_oidc_issuer_names_agents_of_its_trust_domain_only() {
+    // A partner's IdP, configured for its own domain, naming one of ours.
+    let mut oidc = issuer(TokenKind::Oidc, Some("partner.example"));
+    oidc.agent_prefix = Some("spiffe://partner.example/oidc/".into());
+    let v = verifier_of(oidc, &[rsa()]);
+    let ours = json!({"sub": "spiffe://example.org/agents/payments"});
+    assert_eq!(
+        check(&v, &rsa().token(&with(claims(), ours))).map(|t| t.agent),
+        Err(Reason::TokenClaims)
+    );
+    let theirs = json!({"sub": "spiffe://partner.example/agents/bot"});
+    assert!(check(&v, &rsa().token(&with(claims(), theirs))).is_ok());
 }
 
 #[test]
