@@ -55,7 +55,10 @@ impl Upstreams {
                 None => true,
                 Some(patterns) => host.is_some_and(|h| patterns.iter().any(|p| p.matches(h))),
             };
-            host_ok && e.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            host_ok
+                && e.path_prefix
+                    .as_deref()
+                    .is_none_or(|p| under_prefix(path, p))
         })
     }
 
@@ -109,4 +112,33 @@ fn peer(upstream: &Upstream) -> anyhow::Result<HttpPeer> {
         peer.options.ca = Some(wrapped.into());
     }
     Ok(peer)
+}
+
+/// Whether `path` is `prefix` or below it, by whole segments: `/mcp` holds
+/// `/mcp` and `/mcp/x`, never `/mcpadmin`.
+fn under_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::under_prefix;
+
+    #[test]
+    fn a_path_prefix_matches_whole_segments() {
+        for (path, prefix, under) in [
+            ("/mcp", "/mcp", true),
+            ("/mcp/tools", "/mcp", true),
+            ("/mcpadmin/x", "/mcp", false),
+            ("/mcp", "/mcp/", false),
+            ("/v1/repos/x", "/v1/repos/", true),
+            ("/v1/reposx", "/v1/repos/", false),
+            ("/anything", "/", true),
+        ] {
+            assert_eq!(under_prefix(path, prefix), under, "{path} under {prefix}");
+        }
+    }
 }
