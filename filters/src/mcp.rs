@@ -55,8 +55,19 @@ pub struct McpCall {
 impl McpCall {
     /// Parses a JSON-RPC request body.
     pub fn parse(body: &[u8]) -> Result<McpCall, Denial> {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| Denial::new(Reason::BadRequest, format!("body is not JSON: {e}")))?;
+        let not_json = |e: serde_json::Error| {
+            Denial::new(Reason::BadRequest, format!("body is not JSON: {e}"))
+        };
+        // Read twice, so that Tether and the server cannot read different
+        // calls from one body: `serde_json` keeps the last of two equal
+        // keys, other servers the first, and Go's `encoding/json` matches
+        // struct fields ignoring case.
+        serde::Deserializer::deserialize_any(
+            &mut serde_json::Deserializer::from_slice(body),
+            UniqueKeys,
+        )
+        .map_err(not_json)?;
+        let value: Value = serde_json::from_slice(body).map_err(not_json)?;
         let Value::Object(obj) = value else {
             let what = if value.is_array() {
                 "JSON-RPC batches are not accepted: send one call per request, so each is authorized"
@@ -65,6 +76,10 @@ impl McpCall {
             };
             return Err(Denial::new(Reason::BadRequest, what));
         };
+        no_keys_alike(&obj, "the call")?;
+        if let Some(params) = obj.get("params").and_then(Value::as_object) {
+            no_keys_alike(params, "`params`")?;
+        }
         if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
             return Err(Denial::new(Reason::BadRequest, "`jsonrpc` must be \"2.0\""));
         }
@@ -105,6 +120,83 @@ impl McpCall {
             call.arguments = Some(arguments.to_string().into());
         }
         Ok(call)
+    }
+}
+
+/// Refuses an object with two keys that differ only in ASCII case: a
+/// server that matches fields ignoring case could read `Method` where
+/// Tether read `method`.
+fn no_keys_alike(obj: &serde_json::Map<String, Value>, what: &str) -> Result<(), Denial> {
+    let mut seen = std::collections::HashSet::with_capacity(obj.len());
+    for key in obj.keys() {
+        if !seen.insert(key.to_ascii_lowercase()) {
+            return Err(Denial::new(
+                Reason::BadRequest,
+                format!("{what} has two keys spelled alike but for case, one being `{key}`"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Walks a JSON document and fails on an object that holds a key twice.
+struct UniqueKeys;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(UniqueKeys)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key `{key}` appears twice"
+                )));
+            }
+            map.next_value_seed(UniqueKeys)?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
 }
 
@@ -314,6 +406,23 @@ mod tests {
             (
                 br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":[1]}}"#,
                 "must be an object",
+            ),
+            // One body, two readings: refused, whichever a server takes.
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","Method":"tools/call","params":{"name":"rm"}}"#,
+                "spelled alike",
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ok","Name":"rm"}}"#,
+                "spelled alike",
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call"}"#,
+                "appears twice",
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"a":{"b":1,"b":2}}}}"#,
+                "appears twice",
             ),
         ] {
             let denial = McpCall::parse(body).expect_err("refused");
