@@ -287,3 +287,63 @@ fn a_resumed_tls_session_is_verified_again_against_the_bundles_of_now() {
         .block_on(fresh.send("GET", "/v1/repos/tether/issues", &[]))
         .is_err());
 }
+
+#[test]
+fn the_watcher_follows_the_files_a_reloaded_config_names_and_restart_only_changes_are_refused() {
+    let w = World::with(|c| c.reload.poll_interval_ms = 100);
+    let (rt, sandbox) = (&w.rt, &w.sandbox);
+    let client = sandbox.client(Some(TRIAGE)).expect("client");
+    let sent = std::cell::Cell::new(0);
+    let decide = || {
+        let r = rt
+            .block_on(client.send("GET", "/v1/repos/tether/issues", &[]))
+            .expect("response");
+        assert_eq!(r.status, 200);
+        sent.set(sent.get() + 1);
+        let lines = sandbox.audit_lines(sent.get());
+        lines[sent.get() - 1]["policies"][0]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let wait_for = |name: &str, value: f64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.metric(name) != value {
+            assert!(Instant::now() < deadline, "{name} never reached {value}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let rewrite = |change: &dyn Fn(&mut tether_config::Config)| {
+        let mut config = tether_config::Config::load(&sandbox.config).expect("config");
+        change(&mut config);
+        let tmp = sandbox.config.with_extension("tmp");
+        std::fs::write(&tmp, config.to_yaml()).expect("write");
+        std::fs::rename(&tmp, &sandbox.config).expect("swap");
+    };
+
+    // The config now names a policy file the process did not start with.
+    let moved = sandbox.dir.path().join("moved.cedar");
+    std::fs::write(&moved, version("b1")).expect("policies");
+    rewrite(&|c| c.policy.policies = moved.clone());
+    wait_for("tether_config_generation", 2.0);
+    assert_eq!(decide(), "b1");
+    // An edit to that file is a change the watcher sees.
+    std::fs::write(&moved, version("b2")).expect("policies");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while decide() != "b2" {
+        assert!(Instant::now() < deadline, "the edit was never loaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A section only a restart applies: the whole reload is refused,
+    // loudly, rather than half applied.
+    let generation = w.metric("tether_config_generation");
+    std::fs::write(&moved, version("c1")).expect("policies");
+    rewrite(&|c| c.cache.max_entries += 1);
+    let (status, body) = rt.block_on(post_reload(sandbox.admin));
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains("cache"), "{body}");
+    assert_eq!(w.metric("tether_config_last_reload_successful"), 0.0);
+    assert_eq!(w.metric("tether_config_generation"), generation);
+    assert_eq!(decide(), "b2", "nothing of the refused version serves");
+}

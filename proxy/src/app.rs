@@ -58,8 +58,16 @@ pub struct App {
     pub workload: Option<Arc<WorkloadSvid>>,
     /// Each trust domain's earliest bundle expiry, Unix seconds.
     bundle_expiry: Mutex<Vec<(String, i64)>>,
-    /// Serializes reloads; holds the fingerprint of the files last loaded.
-    reload_state: Mutex<u64>,
+    /// Serializes reloads; what the watcher compares against.
+    reload_state: Mutex<Watched>,
+}
+
+/// The files a reload reads, and their fingerprint when last loaded.
+struct Watched {
+    fingerprint: u64,
+    /// The config serving now: the files to watch are the ones it names,
+    /// not those the process started with.
+    config: Config,
 }
 
 /// The stages every request passes, in order. Each stands where it does
@@ -135,7 +143,10 @@ impl App {
             config_path: config_path.to_path_buf(),
             chain: chain(cache.clone(), &metrics, tokens.clone()),
             snapshot: ArcSwap::from_pointee(snapshot),
-            reload_state: Mutex::new(fingerprint(config_path, &config)),
+            reload_state: Mutex::new(Watched {
+                fingerprint: fingerprint(config_path, &config),
+                config: config.clone(),
+            }),
             config,
             metrics,
             cache,
@@ -206,17 +217,21 @@ impl App {
     /// replaces the old; if anything is wrong the old one keeps serving.
     /// Returns the generation now serving.
     pub fn reload(&self) -> Result<u64, ConfigErrors> {
-        let mut last = self
+        let mut watched = self
             .reload_state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Certificates rotate with a reload too, whether or not the
+        // watcher runs.
+        self.rotate_certificates();
         let current = self.snapshot.load().generation;
         // Taken before reading: a change made while we load is seen by the
-        // next poll rather than lost.
-        let seen = fingerprint(&self.config_path, &self.config);
+        // next poll rather than lost. (When the new config names other
+        // files, their fingerprint differs from this one, and the next
+        // poll reloads once more, to the same effect.)
+        let seen = fingerprint(&self.config_path, &watched.config);
         let attempt = (|| {
             let config = Config::load(&self.config_path)?;
-            let snapshot = Snapshot::load(&config, &self.config_path, current + 1)?;
             let error = |field: &str, e: anyhow::Error| {
                 ConfigErrors(vec![tether_config::ConfigError {
                     file: self.config_path.clone(),
@@ -225,6 +240,19 @@ impl App {
                     message: format!("{e:#}"),
                 }])
             };
+            let restart_only = restart_only_changes(&self.config, &config);
+            if !restart_only.is_empty() {
+                // Applying the rest would leave these silently as they
+                // were: an issuer an operator removed still accepted, say.
+                return Err(error(
+                    &restart_only.join(", "),
+                    anyhow::anyhow!(
+                        "changed, and only a restart applies it: restart Tether, or undo the \
+                         change to reload the rest"
+                    ),
+                ));
+            }
+            let snapshot = Snapshot::load(&config, &self.config_path, current + 1)?;
             let trust = tls::trust_store(&config).map_err(|e| error("trust_domains", e))?;
             // JWKS files of the running issuers (issuers themselves change
             // at restart), all read before any is replaced.
@@ -247,8 +275,10 @@ impl App {
         })();
         match attempt {
             Ok((config, snapshot, (trust, bundle_expiry), key_sets)) => {
-                *last = seen;
-                warn_restart_only(&self.config, &config);
+                *watched = Watched {
+                    fingerprint: seen,
+                    config,
+                };
                 // Keys and bundles first: a new agent's credentials must
                 // verify by the time its registration is live.
                 for (source, set) in key_sets {
@@ -269,7 +299,7 @@ impl App {
             Err(errors) => {
                 // Remember this version so the watcher does not retry it
                 // every poll; the next change is tried again.
-                *last = seen;
+                watched.fingerprint = seen;
                 self.metrics.config_reload_failures.inc();
                 self.metrics.config_last_reload_successful.set(0);
                 log::error!("reload refused, generation {current} keeps serving:\n{errors}");
@@ -290,14 +320,16 @@ impl App {
             .spawn(move || loop {
                 std::thread::sleep(interval);
                 app.rotate_certificates();
-                let seen = *app
-                    .reload_state
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                // The file set is the boot config's, the same one reload()
-                // fingerprints; a change to the config file itself brings
-                // in any file it newly names.
-                if fingerprint(&app.config_path, &app.config) != seen {
+                let changed = {
+                    let watched = app
+                        .reload_state
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    // The files the serving config names, as reload()
+                    // fingerprints them.
+                    fingerprint(&app.config_path, &watched.config) != watched.fingerprint
+                };
+                if changed {
                     let _ = app.reload();
                 }
             });
@@ -307,8 +339,9 @@ impl App {
     }
 }
 
-/// Logs changes to sections that only a restart applies.
-fn warn_restart_only(running: &Config, new: &Config) {
+/// The sections that only a restart applies and that differ between the
+/// running config and `new`.
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
     let sections = |c: &Config| {
         [
             ("listener", serde_json::to_value(&c.listener).ok()),
@@ -325,11 +358,12 @@ fn warn_restart_only(running: &Config, new: &Config) {
             ("reload", serde_json::to_value(&c.reload).ok()),
         ]
     };
-    for ((name, old), (_, new)) in sections(running).into_iter().zip(sections(new)) {
-        if old != new {
-            log::warn!("config section `{name}` changed: it takes effect at the next restart");
-        }
-    }
+    sections(running)
+        .into_iter()
+        .zip(sections(new))
+        .filter(|((_, old), (_, new))| old != new)
+        .map(|((name, _), _)| name)
+        .collect()
 }
 
 /// Hashes the contents of the config file and every file the running
