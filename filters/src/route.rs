@@ -255,7 +255,13 @@ impl RouteTable {
             for part in &route.resource_id {
                 match part {
                     IdPart::Literal(s) => resource_id.push_str(s),
-                    IdPart::Param(i) => resource_id.push_str(params[*i]),
+                    // Decoded, as the upstream decodes it: `%40` and `@`
+                    // name one resource. A value that is not text matches
+                    // no route.
+                    IdPart::Param(i) => match crate::sanitize::segment_value(params[*i]) {
+                        Some(value) => resource_id.push_str(&value),
+                        None => continue 'routes,
+                    },
                 }
             }
             return Some(RouteMatch {
@@ -458,6 +464,10 @@ mod tests {
             ("GET", "/v1/widgets", Some((3, "item-widgets"))),
             ("GET", "/v1/repos/acme/tether/issues/1", None),
             ("GET", "/v1/repos/acme/issues", None),
+            // Parameters are decoded, as the upstream decodes them.
+            ("GET", "/v1/users%40acme", Some((3, "item-users@acme"))),
+            ("GET", "/v1/caf%C3%A9", Some((3, "item-café"))),
+            ("GET", "/v1/%FF", None),
             ("GET", "/v1/", None),
             ("GET", "/", None),
         ] {

@@ -263,8 +263,14 @@ fn decode_unreserved(path: &str) -> Result<String, &'static str> {
             i += 3;
         } else if b < 0x20 || b == 0x7f {
             return Err("control character");
+        } else if b >= 0x80 {
+            // Raw UTF-8, which the HTTP layer lets through: written as the
+            // escapes it stands for, one form for both spellings.
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+            i += 1;
         } else {
-            // The URI was parsed by the HTTP layer, so it is ASCII here.
             out.push(b as char);
             i += 1;
         }
@@ -273,6 +279,33 @@ fn decode_unreserved(path: &str) -> Result<String, &'static str> {
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// A normalized path segment's value: its escapes decoded, as the
+/// upstream's framework decodes a path parameter, so that `ceo%40x.org`
+/// and `ceo@x.org` name the same resource. `None` when the bytes are not
+/// UTF-8.
+pub fn segment_value(segment: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !segment.contains('%') {
+        return Some(std::borrow::Cow::Borrowed(segment));
+    }
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1..i + 3)) {
+            (b'%', Some(&[h, l])) => {
+                out.push(hex(h)? * 16 + hex(l)?);
+                i += 3;
+            }
+            (b'%', _) => return None,
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok().map(std::borrow::Cow::Owned)
+}
 
 fn hex(c: u8) -> Option<u8> {
     match c {
@@ -287,6 +320,26 @@ fn hex(c: u8) -> Option<u8> {
 mod tests {
     use super::*;
     use crate::testing;
+
+    #[test]
+    fn raw_utf8_is_written_as_its_escapes_and_segments_decode_to_text() {
+        assert_eq!(
+            normalize_path("/docs/café").as_deref(),
+            Ok("/docs/caf%C3%A9")
+        );
+        assert_eq!(
+            normalize_path("/docs/caf%c3%a9").as_deref(),
+            Ok("/docs/caf%C3%A9")
+        );
+        assert_eq!(segment_value("caf%C3%A9").as_deref(), Some("café"));
+        assert_eq!(
+            segment_value("ceo%40example.com").as_deref(),
+            Some("ceo@example.com")
+        );
+        assert_eq!(segment_value("plain").as_deref(), Some("plain"));
+        assert_eq!(segment_value("%FF"), None, "not UTF-8");
+        assert_eq!(segment_value("%4"), None);
+    }
 
     #[test]
     fn normalization_table() {
