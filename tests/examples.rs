@@ -181,6 +181,29 @@ fn the_egress_example_loads_with_a_pod_svid() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("1 token issuers"), "{stdout}");
+    assert!(!stdout.contains("chosen by host"), "{stdout}");
+    // A route for any host, where an upstream is chosen by host: its
+    // requests go wherever their `Host` says, and check says so.
+    let egress = dir.path().join("egress.yaml");
+    let text = std::fs::read_to_string(&egress).expect("egress.yaml");
+    let any_host = dir.path().join("any-host.yaml");
+    std::fs::write(
+        &any_host,
+        text.replacen("    host: repos.internal.example.org", "", 1),
+    )
+    .expect("write");
+    let out = Command::new(TETHER)
+        .args(["check", "--config"])
+        .arg(&any_host)
+        .output()
+        .expect("tether runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("warning: routes[0]: `/v1/repos/{repo}/issues` matches any host, and upstream `repos` is chosen by host"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("chosen by host").count(), 1, "{stdout}");
     // The example's policies with the pod's SVID as the principal.
     let config = Config::load(&dir.path().join("egress.yaml")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.mode, tether_config::Mode::Egress);

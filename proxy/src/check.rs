@@ -49,6 +49,13 @@ pub fn run(config_path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
     if let Err(e) = crate::jwks::sources(&config.tokens) {
         return Ok(report(&format!("{}: {e:#}", config_path.display())));
     }
+    for (subject, message) in routes_any_upstream_may_take(&config) {
+        writeln!(
+            out,
+            "{}: warning: {subject}: {message}",
+            config_path.display()
+        )?;
+    }
     for w in tether_filters::lint::lint(&snapshot) {
         writeln!(
             out,
@@ -69,6 +76,51 @@ pub fn run(config_path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
         config.tokens.issuers.len()
     )?;
     Ok(true)
+}
+
+/// Routes that match any host while an upstream chosen by host may take
+/// their requests: such a request goes to whichever upstream its `Host`
+/// names, and the policy that decided it does not know which. An upstream
+/// chosen by path alone that is listed first and takes every path of the
+/// route settles it.
+fn routes_any_upstream_may_take(config: &Config) -> Vec<(String, String)> {
+    let upstreams: Vec<_> = config.all_upstreams().collect();
+    let mut found = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        if route.host.is_some() {
+            continue;
+        }
+        // The literal start of the template: every path the route matches
+        // begins with it.
+        let literal = route.path.split('{').next().unwrap_or_default();
+        for upstream in &upstreams {
+            let prefix = upstream.path_prefix.as_deref();
+            match (&upstream.hosts, prefix) {
+                (None, None) => break,
+                (None, Some(p)) if crate::upstreams::under_prefix(literal, p) => break,
+                (None, Some(_)) => {}
+                (Some(_), p) => {
+                    let overlaps = p.is_none_or(|p| {
+                        crate::upstreams::under_prefix(literal, p) || p.starts_with(literal)
+                    });
+                    if overlaps {
+                        let name = upstream.name.as_deref().unwrap_or(&upstream.address);
+                        found.push((
+                            format!("routes[{i}]"),
+                            format!(
+                                "`{}` matches any host, and upstream `{name}` is chosen by \
+                                 host: a request on it goes where its `Host` says, which the \
+                                 policy deciding it does not see; give the route `host`",
+                                route.path
+                            ),
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    found
 }
 
 fn report(errors: &str) -> bool {

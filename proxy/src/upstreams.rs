@@ -116,7 +116,7 @@ fn peer(upstream: &Upstream) -> anyhow::Result<HttpPeer> {
 
 /// Whether `path` is `prefix` or below it, by whole segments: `/mcp` holds
 /// `/mcp` and `/mcp/x`, never `/mcpadmin`.
-fn under_prefix(path: &str, prefix: &str) -> bool {
+pub(crate) fn under_prefix(path: &str, prefix: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
         None => false,
