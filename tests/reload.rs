@@ -33,6 +33,48 @@ async fn post_reload(admin: SocketAddr) -> (u16, serde_json::Value) {
     (r.status, r.json().expect("json"))
 }
 
+/// Fresh requests as TRIAGE, each answered 200, and which policy decided
+/// each (the first of its audit line's): the version serving.
+struct Decisions<'a> {
+    w: &'a World,
+    client: tether::client::Client,
+    sent: std::cell::Cell<usize>,
+}
+
+impl<'a> Decisions<'a> {
+    fn new(w: &'a World) -> Decisions<'a> {
+        Decisions {
+            w,
+            client: w.sandbox.client(Some(TRIAGE)).expect("client"),
+            sent: std::cell::Cell::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let r = self
+            .w
+            .rt
+            .block_on(self.client.send("GET", "/v1/repos/tether/issues", &[]))
+            .expect("response");
+        assert_eq!(r.status, 200);
+        self.sent.set(self.sent.get() + 1);
+        let lines = self.w.sandbox.audit_lines(self.sent.get());
+        lines[self.sent.get() - 1]["policies"][0]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// Waits up to 10 s for metric `name` to read `value`.
+fn wait_for(w: &World, name: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.metric(name) != value {
+        assert!(Instant::now() < deadline, "{name} never reached {value}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn fifty_reloads_under_load_fail_nothing_and_never_mix_versions() {
     let w = World::with(|c| c.reload.watch = false);
@@ -137,42 +179,20 @@ fn a_configmap_symlink_swap_is_picked_up_and_a_bad_version_is_refused() {
         c.policy.policies = policies.clone();
         c.reload.poll_interval_ms = 100;
     });
-    let (rt, sandbox) = (&w.rt, &w.sandbox);
-    let client = sandbox.client(Some(TRIAGE)).expect("client");
-    let sent = std::cell::Cell::new(0);
-    // The policy that decided a fresh request.
-    let decide = || {
-        let r = rt
-            .block_on(client.send("GET", "/v1/repos/tether/issues", &[]))
-            .expect("response");
-        assert_eq!(r.status, 200);
-        sent.set(sent.get() + 1);
-        let lines = sandbox.audit_lines(sent.get());
-        lines[sent.get() - 1]["policies"][0]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
-    };
-    assert_eq!(decide(), "v1");
+    let decisions = Decisions::new(&w);
+    assert_eq!(decisions.next(), "v1");
 
-    let wait_for = |name: &str, value: f64| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while w.metric(name) != value {
-            assert!(Instant::now() < deadline, "{name} never reached {value}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
     publish("..v2", &version("v2"));
-    wait_for("tether_config_generation", 2.0);
-    assert_eq!(decide(), "v2");
+    wait_for(&w, "tether_config_generation", 2.0);
+    assert_eq!(decisions.next(), "v2");
 
     publish(
         "..v3",
         "forbid(principal, action, resource) when { context.nope };",
     );
-    wait_for("tether_config_reload_failures_total", 1.0);
+    wait_for(&w, "tether_config_reload_failures_total", 1.0);
     assert_eq!(w.metric("tether_config_generation"), 2.0);
-    assert_eq!(decide(), "v2", "the old version keeps serving");
+    assert_eq!(decisions.next(), "v2", "the old version keeps serving");
 }
 
 #[test]
@@ -292,27 +312,8 @@ fn a_resumed_tls_session_is_verified_again_against_the_bundles_of_now() {
 fn the_watcher_follows_the_files_a_reloaded_config_names_and_restart_only_changes_are_refused() {
     let w = World::with(|c| c.reload.poll_interval_ms = 100);
     let (rt, sandbox) = (&w.rt, &w.sandbox);
-    let client = sandbox.client(Some(TRIAGE)).expect("client");
-    let sent = std::cell::Cell::new(0);
-    let decide = || {
-        let r = rt
-            .block_on(client.send("GET", "/v1/repos/tether/issues", &[]))
-            .expect("response");
-        assert_eq!(r.status, 200);
-        sent.set(sent.get() + 1);
-        let lines = sandbox.audit_lines(sent.get());
-        lines[sent.get() - 1]["policies"][0]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
-    };
-    let wait_for = |name: &str, value: f64| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while w.metric(name) != value {
-            assert!(Instant::now() < deadline, "{name} never reached {value}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let decisions = Decisions::new(&w);
+    let decide = || decisions.next();
     let rewrite = |change: &dyn Fn(&mut tether_config::Config)| {
         let mut config = tether_config::Config::load(&sandbox.config).expect("config");
         change(&mut config);
@@ -325,7 +326,7 @@ fn the_watcher_follows_the_files_a_reloaded_config_names_and_restart_only_change
     let moved = sandbox.dir.path().join("moved.cedar");
     std::fs::write(&moved, version("b1")).expect("policies");
     rewrite(&|c| c.policy.policies = moved.clone());
-    wait_for("tether_config_generation", 2.0);
+    wait_for(&w, "tether_config_generation", 2.0);
     assert_eq!(decide(), "b1");
     // An edit to that file is a change the watcher sees.
     std::fs::write(&moved, version("b2")).expect("policies");

@@ -1098,24 +1098,30 @@ mod tests {
         assert_eq!(counter.get(), 1);
     }
 
+    /// A config for ALICE_BOT alone with `routes` (YAML list items).
+    fn config_with_routes(routes: &str) -> tether_config::Config {
+        let yaml = format!(
+            "listener: {{address: '127.0.0.1:0', tls: {{cert: c, key: k}}}}\n\
+             trust_domains: [{{name: example.org, bundle: b}}]\n\
+             upstream: {{address: '127.0.0.1:1'}}\n\
+             registry: {{agents: [{{id: '{}', owner: a, team: t, expires: '2999-01-01'}}]}}\n\
+             policy: {{schema: s, policies: p}}\n\
+             routes:\n{routes}",
+            testing::ALICE_BOT
+        );
+        tether_config::Config::from_yaml(&yaml, Path::new("t.yaml")).expect("config")
+    }
+
     #[test]
     fn route_attributes_reach_policy_and_are_checked_against_the_schema() {
         let schema = "entity Agent { owner: String, team: String };\n\
                       entity Doc { visibility: String };\n\
                       action Read appliesTo { principal: [Agent], resource: [Doc] };";
         let config = |attributes: &str| {
-            let yaml = format!(
-                "listener: {{address: '127.0.0.1:0', tls: {{cert: c, key: k}}}}\n\
-                 trust_domains: [{{name: example.org, bundle: b}}]\n\
-                 upstream: {{address: '127.0.0.1:1'}}\n\
-                 registry: {{agents: [{{id: '{}', owner: a, team: t, expires: '2999-01-01'}}]}}\n\
-                 policy: {{schema: s, policies: p}}\n\
-                 routes:\n\
-                 - {{method: GET, path: '/public/{{doc}}', action: Read, resource: {{type: Doc, id: '{{doc}}', attributes: {attributes}}}}}\n\
-                 - {{method: GET, path: '/private/{{doc}}', action: Read, resource: {{type: Doc, id: '{{doc}}', attributes: {{visibility: private}}}}}}\n",
-                testing::ALICE_BOT
-            );
-            tether_config::Config::from_yaml(&yaml, Path::new("t.yaml")).expect("config")
+            config_with_routes(&format!(
+                "- {{method: GET, path: '/public/{{doc}}', action: Read, resource: {{type: Doc, id: '{{doc}}', attributes: {attributes}}}}}\n\
+                 - {{method: GET, path: '/private/{{doc}}', action: Read, resource: {{type: Doc, id: '{{doc}}', attributes: {{visibility: private}}}}}}\n"
+            ))
         };
         let build = |config: &tether_config::Config| {
             Snapshot::build(
@@ -1160,18 +1166,10 @@ mod tests {
                       entity Repo { protected: Bool };\n\
                       action Write;\n\
                       action Delete in [Write] appliesTo { principal: [Agent], resource: [Repo] };";
-        let yaml = format!(
-            "listener: {{address: '127.0.0.1:0', tls: {{cert: c, key: k}}}}\n\
-             trust_domains: [{{name: example.org, bundle: b}}]\n\
-             upstream: {{address: '127.0.0.1:1'}}\n\
-             registry: {{agents: [{{id: '{}', owner: a, team: t, expires: '2999-01-01'}}]}}\n\
-             policy: {{schema: s, policies: p}}\n\
-             routes:\n\
-             - {{method: DELETE, path: '/prod/{{r}}', action: Delete, resource: {{type: Repo, id: '{{r}}', attributes: {{protected: true}}}}}}\n\
-             - {{method: DELETE, path: '/dev/{{r}}', action: Delete, resource: {{type: Repo, id: '{{r}}', attributes: {{protected: false}}}}}}\n",
-            testing::ALICE_BOT
+        let config = config_with_routes(
+            "- {method: DELETE, path: '/prod/{r}', action: Delete, resource: {type: Repo, id: '{r}', attributes: {protected: true}}}\n\
+             - {method: DELETE, path: '/dev/{r}', action: Delete, resource: {type: Repo, id: '{r}', attributes: {protected: false}}}\n",
         );
-        let config = tether_config::Config::from_yaml(&yaml, Path::new("t.yaml")).expect("config");
         let policies = "@id(\"all\") permit(principal, action, resource);\n\
                         @id(\"no-protected-writes\") forbid(principal, action in Action::\"Write\", resource) \
                         when { resource.protected };";
