@@ -183,3 +183,20 @@ fn an_egress_listener_binds_to_loopback_tls_or_not() {
         assert!(e.message.contains("loopback"), "{}", e.message);
     }
 }
+
+#[test]
+fn an_unknown_kid_cannot_make_tether_fetch_keys_on_every_request() {
+    let text = MINIMAL.replace(
+        "policy:\n",
+        "tokens:\n  issuers:\n    - kind: jwt_svid\n      issuer: https://spire.example.org\n      \
+         audiences: [tether]\n      trust_domain: example.org\n      \
+         jwks: {url: 'https://spire.example.org/keys', min_refetch_interval_ms: 0}\npolicy:\n",
+    );
+    let errors = parse(&text).expect("parses").validate();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.field == "tokens.issuers[0].jwks.min_refetch_interval_ms"),
+        "{errors:?}"
+    );
+}

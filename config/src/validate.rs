@@ -362,6 +362,18 @@ fn check_tokens(p: &mut Problems<'_>, c: &Config) {
                         "must be at least `refresh_seconds`, which must be at least 1",
                     );
                 }
+                // An unknown `kid` costs a fetch: without a pause between
+                // fetches, any caller could make Tether fetch on every
+                // request.
+                if jwks.min_refetch_interval_ms < MIN_REFETCH_INTERVAL_MS {
+                    p.push(
+                        at("jwks.min_refetch_interval_ms"),
+                        format!(
+                            "must be at least {MIN_REFETCH_INTERVAL_MS}: a token with an unknown \
+                             `kid` triggers a fetch, and anyone can send one"
+                        ),
+                    );
+                }
             }
             _ => p.push(at("jwks"), "give exactly one of `file` and `url`"),
         }
@@ -398,6 +410,9 @@ fn check_tokens(p: &mut Problems<'_>, c: &Config) {
         }
     }
 }
+
+/// The shortest pause between two JWKS fetches an unknown `kid` causes.
+const MIN_REFETCH_INTERVAL_MS: u64 = 1000;
 
 /// A JWKS URL must be `https://`: the keys it serves decide who may mint
 /// tokens, and over plain HTTP anyone on the path could serve their own.
