@@ -411,3 +411,30 @@ fn check_reports_every_problem_located() {
         assert!(stderr.contains(expected), "missing {expected}: {stderr}");
     }
 }
+
+#[test]
+fn a_request_in_flight_at_shutdown_is_recorded_as_aborted() {
+    // An upstream that takes the request and never answers: the request
+    // is still in flight when Tether is told to stop at once.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = silent.local_addr().expect("addr").to_string();
+    let mut w = World::with(move |c| {
+        if let Some(u) = c.upstream.as_mut() {
+            u.address = address;
+        }
+    });
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    let pending =
+        w.rt.spawn(async move { client.send("GET", "/v1/repos/tether/issues", &[]).await });
+    // The request has reached the upstream once the connection is there.
+    silent.set_nonblocking(false).expect("blocking");
+    let (_held, _) = silent.accept().expect("the proxy connects upstream");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    w.sandbox.stop("INT").expect("tether stops");
+    let _ = w.rt.block_on(pending);
+    let lines = w.sandbox.audit_lines(1);
+    let last = lines.last().expect("a line");
+    assert_eq!(last["reason"], "aborted", "{last}");
+    assert_eq!(last["agent"], TRIAGE, "{last}");
+    assert_eq!(last["method"], "GET", "{last}");
+}

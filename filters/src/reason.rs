@@ -66,11 +66,14 @@ pub enum Reason {
     UpstreamError,
     /// Tether itself failed; the request was not forwarded.
     Internal,
+    /// The request was cut short before it finished: Tether shut down
+    /// while it was in flight.
+    Aborted,
 }
 
 impl Reason {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 29] = [
         Reason::Allowed,
         Reason::BadPath,
         Reason::BadRequest,
@@ -99,6 +102,7 @@ impl Reason {
         Reason::PolicyError,
         Reason::UpstreamError,
         Reason::Internal,
+        Reason::Aborted,
     ];
 
     /// The stable code.
@@ -132,6 +136,7 @@ impl Reason {
             Reason::PolicyError => "policy_error",
             Reason::UpstreamError => "upstream_error",
             Reason::Internal => "internal",
+            Reason::Aborted => "aborted",
         }
     }
 
@@ -168,6 +173,7 @@ impl Reason {
             | Reason::PolicyError => 403,
             Reason::UpstreamError => 502,
             Reason::Internal => 500,
+            Reason::Aborted => 503,
         }
     }
 
@@ -203,6 +209,7 @@ impl Reason {
             Reason::PolicyError => "the request could not be authorized",
             Reason::UpstreamError => "the upstream service failed",
             Reason::Internal => "internal error",
+            Reason::Aborted => "the request was cut short: the proxy shut down",
         }
     }
 

@@ -4,6 +4,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,6 +61,8 @@ pub struct App {
     bundle_expiry: Mutex<Vec<(String, i64)>>,
     /// Serializes reloads; what the watcher compares against.
     reload_state: Mutex<Watched>,
+    /// Requests begun and not yet recorded (see `proxy::Ctx`).
+    pub in_flight: AtomicUsize,
 }
 
 /// The files a reload reads, and their fingerprint when last loaded.
@@ -158,7 +161,18 @@ impl App {
             server_cert,
             workload,
             bundle_expiry: Mutex::new(bundle_expiry),
+            in_flight: AtomicUsize::new(0),
         })
+    }
+
+    /// Waits up to `timeout` for the requests in flight to be recorded: at
+    /// shutdown, pingora's runtimes drop their tasks in the background,
+    /// and a dropped request writes its audit line as it goes.
+    pub fn wait_for_requests(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Starts what runs beside the proxy: the reload and rotation watcher

@@ -68,6 +68,17 @@ impl Drop for Sandbox {
 }
 
 impl Sandbox {
+    /// Sends the proxy `signal` (`INT`, `TERM`, ...) and waits for it to
+    /// exit: how a test sees what a shutdown leaves behind.
+    pub fn stop(&mut self, signal: &str) -> anyhow::Result<std::process::ExitStatus> {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        anyhow::ensure!(sent.success(), "kill -{signal} failed");
+        Ok(self.child.wait()?)
+    }
+
     /// A client presenting a fresh SVID for `spiffe_id` (or none).
     pub fn client(&self, spiffe_id: Option<&str>) -> anyhow::Result<Client> {
         let leaf: Option<Issued> = spiffe_id.map(|id| self.pki.leaf(&[id])).transpose()?;

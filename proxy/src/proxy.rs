@@ -1,6 +1,7 @@
 //! The pingora proxy. It holds no policy: it runs the filter chain, writes
 //! refusals, forwards what the chain allowed, and records every outcome.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -36,6 +37,31 @@ pub struct Ctx {
     tools_list: Option<ToolsList>,
     /// The upstream chosen for an allowed request.
     upstream: Option<usize>,
+    /// The request's method, once its head is read.
+    method: Option<http::Method>,
+    /// Until the request is recorded: where a request dropped unrecorded
+    /// writes its record (see `Drop`).
+    unrecorded: Option<Arc<App>>,
+}
+
+/// pingora records every request it finishes through `logging`; a request
+/// whose task is dropped instead (cut short when Tether shuts down) never
+/// gets there, and records itself here, as aborted, so that no request
+/// that may have reached the upstream leaves no trace.
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        let Some(app) = self.unrecorded.take() else {
+            return;
+        };
+        let method = self.method.as_ref().map_or("", http::Method::as_str);
+        let trace_id = self.span.as_ref().map(Telemetry::trace_id);
+        let record = AuditRecord::new(&self.req, method, Reason::Aborted, 0, trace_id);
+        app.audit.write(&record);
+        if let Some(span) = self.span.take() {
+            app.telemetry.finish(span, &record);
+        }
+        app.in_flight.fetch_sub(1, Ordering::Release);
+    }
 }
 
 /// The longest a request waits for an issuer's keys to be refetched.
@@ -120,10 +146,16 @@ impl ProxyHttp for TetherProxy {
             span: None,
             tools_list: None,
             upstream: None,
+            method: None,
+            unrecorded: {
+                self.app.in_flight.fetch_add(1, Ordering::Relaxed);
+                Some(self.app.clone())
+            },
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.method = Some(session.req_header().method.clone());
         // `started` was stamped by `new_ctx`, which pingora calls once the
         // request's head has been read.
         ctx.req.client_addr = session
@@ -292,6 +324,9 @@ impl ProxyHttp for TetherProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if ctx.unrecorded.take().is_some() {
+            self.app.in_flight.fetch_sub(1, Ordering::Release);
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let reason = match (&ctx.req.denial, e) {
             (Some(d), _) => d.reason,

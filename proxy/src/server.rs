@@ -57,8 +57,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         config.admin.address,
     );
     server.run(RunArgs::default());
-    // Write the audit lines and send the spans still queued before the
+    // Requests cut short record themselves as their tasks are dropped,
+    // which pingora leaves to run on after it returns; then the audit
+    // lines and spans still queued are written and sent before the
     // process ends.
+    app.wait_for_requests(std::time::Duration::from_secs(2));
     app.audit.close(std::time::Duration::from_secs(2));
     app.telemetry.shutdown();
     Ok(())
