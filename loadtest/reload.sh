@@ -68,6 +68,8 @@ start_tether "$DIR/tether.yaml" "$ADMIN"
 LOAD=$!
 sleep 1
 for i in 1 2 3 4 5; do
+    # A change to read: a reload with no file changed reads nothing.
+    echo "// reload $i" >> "$DIR/policies/many.cedar"
     curl -s -o "$DIR/reload.json" -w "reload $i: HTTP %{http_code} in %{time_total} s: " \
         -X POST "http://127.0.0.1:$ADMIN/reload"
     cat "$DIR/reload.json"; echo

@@ -348,3 +348,31 @@ fn the_watcher_follows_the_files_a_reloaded_config_names_and_restart_only_change
     assert_eq!(w.metric("tether_config_generation"), generation);
     assert_eq!(decide(), "b2", "nothing of the refused version serves");
 }
+
+#[test]
+fn a_reload_with_nothing_changed_reads_nothing() {
+    // Whoever reaches the admin port (in egress mode, the agent itself)
+    // cannot make Tether re-parse its policies and drop its decision
+    // cache by asking.
+    let w = World::with(|c| c.reload.watch = false);
+    let post = || w.rt.block_on(post_reload(w.sandbox.admin));
+    let (status, body) = post();
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &"unchanged".into()),
+        "{body}"
+    );
+    assert_eq!(body["generation"], 1);
+    let policies = w.sandbox.dir.path().join("policies").join("repos.cedar");
+    std::fs::write(&policies, version("v2")).expect("write");
+    let (status, body) = post();
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &"reloaded".into()),
+        "{body}"
+    );
+    assert_eq!(body["generation"], 2);
+    let (_, body) = post();
+    assert_eq!(body["status"], "unchanged", "{body}");
+    assert_eq!(w.metric("tether_config_generation"), 2.0);
+}

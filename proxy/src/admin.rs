@@ -27,9 +27,12 @@ impl AdminApp {
         let app = self.app.clone();
         let result = tokio::task::spawn_blocking(move || app.reload()).await;
         let (status, body) = match result {
-            Ok(Ok(generation)) => (
+            Ok(Ok((generation, loaded))) => (
                 200,
-                serde_json::json!({"status": "reloaded", "generation": generation}),
+                serde_json::json!({
+                    "status": if loaded { "reloaded" } else { "unchanged" },
+                    "generation": generation,
+                }),
             ),
             Ok(Err(errors)) => (
                 422,

@@ -68,6 +68,8 @@ pub struct App {
 /// The files a reload reads, and their fingerprint when last loaded.
 struct Watched {
     fingerprint: u64,
+    /// Whether the files of that fingerprint loaded.
+    loaded: bool,
     /// The config serving now: the files to watch are the ones it names,
     /// not those the process started with.
     config: Config,
@@ -148,6 +150,7 @@ impl App {
             snapshot: ArcSwap::from_pointee(snapshot),
             reload_state: Mutex::new(Watched {
                 fingerprint: fingerprint(config_path, &config),
+                loaded: true,
                 config: config.clone(),
             }),
             config,
@@ -229,8 +232,12 @@ impl App {
     /// Reloads policies, schema, registry, routes and trust bundles, all or
     /// nothing: the new version is read and validated in full before it
     /// replaces the old; if anything is wrong the old one keeps serving.
-    /// Returns the generation now serving.
-    pub fn reload(&self) -> Result<u64, ConfigErrors> {
+    /// Returns the generation now serving, and whether this call loaded
+    /// it: when no file changed since the last successful load, nothing is
+    /// read again (a caller that can reach the admin port, as an egress
+    /// pod's agent can, cannot make Tether re-parse its policies and drop
+    /// its decision cache at will).
+    pub fn reload(&self) -> Result<(u64, bool), ConfigErrors> {
         let mut watched = self
             .reload_state
             .lock()
@@ -244,6 +251,9 @@ impl App {
         // files, their fingerprint differs from this one, and the next
         // poll reloads once more, to the same effect.)
         let seen = fingerprint(&self.config_path, &watched.config);
+        if seen == watched.fingerprint && watched.loaded {
+            return Ok((current, false));
+        }
         let attempt = (|| {
             let config = Config::load(&self.config_path)?;
             let error = |field: &str, e: anyhow::Error| {
@@ -291,6 +301,7 @@ impl App {
             Ok((config, snapshot, (trust, bundle_expiry), key_sets)) => {
                 *watched = Watched {
                     fingerprint: seen,
+                    loaded: true,
                     config,
                 };
                 // Keys and bundles first: a new agent's credentials must
@@ -308,12 +319,14 @@ impl App {
                     "reloaded {}: generation {generation} serving",
                     self.config_path.display()
                 );
-                Ok(generation)
+                Ok((generation, true))
             }
             Err(errors) => {
                 // Remember this version so the watcher does not retry it
-                // every poll; the next change is tried again.
+                // every poll; the next change is tried again (a POST
+                // tries it again, to report its errors).
                 watched.fingerprint = seen;
+                watched.loaded = false;
                 self.metrics.config_reload_failures.inc();
                 self.metrics.config_last_reload_successful.set(0);
                 log::error!("reload refused, generation {current} keeps serving:\n{errors}");
