@@ -141,9 +141,10 @@ impl Telemetry {
     }
 
     /// Starts the span of a request, as a child of the caller's
-    /// `traceparent` when it sent one. The caller's sampling decision is
-    /// kept (parent-based, as the SDK's default sampler): an unsampled
-    /// trace is propagated, not exported.
+    /// `traceparent` when it sent one. The caller's sampling flag is
+    /// propagated as it came, but does not decide whether Tether's own span
+    /// is exported: every request leaves a span, and a caller cannot opt
+    /// its actions out of the record by sending `-00`.
     pub fn start(&self, req: &RequestHeader, started: SystemTime) -> Option<RequestSpan> {
         self.inner.as_ref()?;
         // Most requests start a trace: the propagator, which builds a
@@ -205,9 +206,6 @@ impl Telemetry {
         let Some(exporting) = &self.inner else {
             return;
         };
-        if !span.context.is_sampled() {
-            return;
-        }
         let header = SpanHeader {
             context: &span.context,
             parent: span.parent,
@@ -616,7 +614,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unsampled_caller_trace_is_propagated_not_exported() {
+    fn an_unsampled_caller_trace_is_propagated_and_still_exported() {
         // The export thread never runs within the test (a long interval),
         // so the queue shows exactly what `finish` kept.
         let (telemetry, _) = telemetry(OtlpProtocol::Grpc, closed_port(), 16, 600_000);
@@ -637,7 +635,7 @@ mod tests {
         );
         let policies = Vec::new();
         telemetry.finish(span, &record(&policies, None));
-        assert_eq!(queued(&telemetry), 0);
+        assert_eq!(queued(&telemetry), 1, "every request leaves a span");
         let sampled = telemetry
             .start(
                 &request(Some(&caller.replace("-00", "-01"))),
@@ -649,7 +647,7 @@ mod tests {
             .start(&request(None), SystemTime::now())
             .expect("a span");
         assert!(root.parent.is_none() && root.context.is_sampled());
-        assert_eq!(queued(&telemetry), 1, "a sampled caller's span is queued");
+        assert_eq!(queued(&telemetry), 2, "a sampled caller's span is queued");
     }
 
     #[test]
