@@ -244,3 +244,30 @@ fn the_committed_json_schema_matches_the_config_types() {
         "deploy/config.schema.json is stale: run `cargo run -q -p tether -- schema > deploy/config.schema.json`"
     );
 }
+
+#[test]
+fn check_warns_about_an_admin_listener_beyond_loopback() {
+    let dir = example_dir();
+    let config = dir.path().join("tether.yaml");
+    let text = std::fs::read_to_string(&config).expect("tether.yaml");
+    std::fs::write(
+        &config,
+        text.replace("address: 127.0.0.1:9901", "address: 0.0.0.0:9901"),
+    )
+    .expect("write");
+    let out = Command::new(TETHER)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("tether runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a warning, not an error: {stdout}"
+    );
+    assert!(
+        stdout.contains("warning: admin.address: `0.0.0.0:9901` is reachable beyond this host"),
+        "{stdout}"
+    );
+}

@@ -49,6 +49,21 @@ pub fn run(config_path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
     if let Err(e) = crate::jwks::sources(&config.tokens) {
         return Ok(report(&format!("{}: {e:#}", config_path.display())));
     }
+    let admin_beyond_loopback = config
+        .admin
+        .address
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| !a.ip().is_loopback());
+    if admin_beyond_loopback {
+        writeln!(
+            out,
+            "{}: warning: admin.address: `{}` is reachable beyond this host, and the admin \
+             listener asks no credentials (metrics, POST /reload): keep it to the scraper \
+             with a NetworkPolicy, or bind it to loopback",
+            config_path.display(),
+            config.admin.address
+        )?;
+    }
     for (subject, message) in routes_any_upstream_may_take(&config) {
         writeln!(
             out,
