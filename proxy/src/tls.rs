@@ -69,13 +69,11 @@ pub fn listener_settings(
 }
 
 /// After a handshake, the client certificate's SPIFFE ID, parsed once per
-/// connection rather than once per request.
-///
-/// The chain is verified again here, now, against the bundles loaded now:
-/// a resumed TLS session brings back the chain of the handshake it
-/// resumes without the verifier seeing it, so an SVID that has expired
-/// since, or whose CA a reload removed, would otherwise still connect.
-/// (A full handshake pays for a second check, once per connection.)
+/// connection rather than once per request, and verified against the
+/// bundles loaded now (a resumed session's chain is not seen by the
+/// verifier otherwise: see [`SpiffeClientVerifier::verify_peer`]). `None`
+/// when there is no certificate or it does not verify: the request then
+/// finds no identity and is refused.
 struct PeerIdentityCallback {
     verifier: Arc<SpiffeClientVerifier>,
 }
@@ -86,22 +84,8 @@ impl TlsAccept for PeerIdentityCallback {
         &self,
         tls: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
-        use rustls::server::danger::ClientCertVerifier as _;
-        let (leaf, intermediates) = tls.peer_cert_chain_der()?.split_first()?;
-        // A refusal is counted and logged by the verifier; the request then
-        // finds no identity and is refused.
-        self.verifier
-            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
-            .ok()?;
-        match PeerIdentity::from_leaf_der(leaf) {
-            Ok(peer) => Some(Arc::new(Arc::new(peer))),
-            Err(e) => {
-                // The verifier accepted it, so this cannot happen; if it
-                // does, the request finds no identity and is refused.
-                log::error!("verified client certificate has no usable SPIFFE ID: {e}");
-                None
-            }
-        }
+        let peer = self.verifier.verify_peer(tls.peer_cert_chain_der()?)?;
+        Some(Arc::new(Arc::new(peer)))
     }
 }
 

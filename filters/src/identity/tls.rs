@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use prometheus::IntCounterVec;
@@ -62,7 +63,22 @@ pub struct SpiffeClientVerifier {
     provider: Arc<CryptoProvider>,
     mandatory: bool,
     rejected: IntCounterVec,
+    /// The last leaf verified, so that [`Self::verify_peer`] right after
+    /// the handshake that verified it need not verify it again.
+    last: Mutex<Option<Verified>>,
 }
+
+/// A leaf that chained to a store's bundles at a moment.
+struct Verified {
+    leaf_sha256: [u8; 32],
+    /// The store it was verified against, held so that a later store can
+    /// never be mistaken for it.
+    store: Arc<TrustStore>,
+    at: Instant,
+}
+
+/// How long a verification vouches for its leaf to [`SpiffeClientVerifier::verify_peer`].
+const VERIFIED_FOR: Duration = Duration::from_secs(1);
 
 impl fmt::Debug for SpiffeClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -87,7 +103,39 @@ impl SpiffeClientVerifier {
             provider,
             mandatory,
             rejected,
+            last: Mutex::new(None),
         }
+    }
+
+    /// The identity of a connection's client chain, as verified against
+    /// the bundles loaded now; `None` when it does not verify (counted and
+    /// logged as any refusal).
+    ///
+    /// A resumed TLS session brings back the chain of the handshake it
+    /// resumes without the verifier seeing it again, so an SVID that has
+    /// expired since, or whose CA a reload removed, would otherwise still
+    /// connect. Right after a full handshake the chain was verified a
+    /// moment ago against this very store, and is not verified twice.
+    pub fn verify_peer(&self, chain: &[CertificateDer<'_>]) -> Option<PeerIdentity> {
+        let (leaf, intermediates) = chain.split_first()?;
+        let peer = PeerIdentity::from_leaf_der(leaf).ok()?;
+        let store = self.store.load();
+        let just_verified = self
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|v| {
+                v.leaf_sha256 == peer.cert_sha256
+                    && Arc::ptr_eq(&v.store, &store)
+                    && v.at.elapsed() < VERIFIED_FOR
+            });
+        if just_verified {
+            return Some(peer);
+        }
+        self.verify_client_cert(leaf, intermediates, UnixTime::now())
+            .ok()
+            .map(|_| peer)
     }
 
     /// Replaces the trusted bundles. Handshakes in flight finish with the
@@ -126,7 +174,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         let peer = PeerIdentity::from_leaf_der(end_entity)
             .map_err(|e| self.reject(e.code(), e.to_string()))?;
-        let store = self.store.load();
+        let store = self.store.load_full();
         let Some(verifier) = store.domains.get(peer.id.trust_domain()) else {
             return Err(self.reject(
                 "untrusted_domain",
@@ -137,7 +185,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                 ),
             ));
         };
-        verifier
+        let verified = verifier
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(|e| {
                 self.reject(
@@ -148,7 +196,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                         peer.id.trust_domain()
                     ),
                 )
-            })
+            })?;
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Verified {
+            leaf_sha256: peer.cert_sha256,
+            store,
+            at: Instant::now(),
+        });
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -233,6 +287,40 @@ mod tests {
         assert_eq!(v.rejected.with_label_values(&["untrusted_domain"]).get(), 1);
         assert!(verify(&v, &a, "https://a.example/agent").is_err());
         assert_eq!(v.rejected.with_label_values(&["not_spiffe"]).get(), 1);
+    }
+
+    #[test]
+    fn a_chain_verified_before_a_store_replacement_is_verified_again() {
+        // What a resumed session brings back is judged by the bundles of
+        // now, even right after the same leaf was verified.
+        let a = Pki::new("a.example").expect("pki");
+        let v = verifier(&[&a]);
+        let leaf = a.leaf(&["spiffe://a.example/agent"]).expect("leaf");
+        let chain = [CertificateDer::from(leaf.der().to_vec())];
+        assert!(v
+            .verify_client_cert(&chain[0], &[], UnixTime::now())
+            .is_ok());
+        let peer = v.verify_peer(&chain).expect("just verified");
+        assert_eq!(peer.id.as_str(), "spiffe://a.example/agent");
+        let successor = Pki::new("a.example").expect("pki");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        v.replace(
+            TrustStore::new(
+                vec![(
+                    a.trust_domain.clone(),
+                    vec![successor.ca_der().to_vec().into()],
+                )],
+                &provider,
+            )
+            .expect("store"),
+        );
+        assert!(v.verify_peer(&chain).is_none());
+        assert_eq!(v.rejected.with_label_values(&["chain"]).get(), 1);
+        // Never verified at all: verified now.
+        let other = a.leaf(&["spiffe://a.example/other"]).expect("leaf");
+        assert!(v
+            .verify_peer(&[CertificateDer::from(other.der().to_vec())])
+            .is_none());
     }
 
     #[test]
