@@ -285,12 +285,25 @@ fn a_resumed_tls_session_is_verified_again_against_the_bundles_of_now() {
     };
     assert_eq!(send().expect("first connection").status, 200);
     assert_eq!(send().expect("resumed connection").status, 200);
+    // And a keep-alive connection that stays open across the reload.
+    let mut open = w.rt.block_on(client.connect()).expect("connect");
+    let on_open = |open: &mut tether::client::Connection| {
+        w.rt.block_on(open.send("GET", "/v1/repos/tether/issues"))
+            .expect("response")
+    };
+    assert_eq!(on_open(&mut open).status, 200);
 
     // other.org's CA is replaced by another.
     let successor = Pki::new("other.org").expect("pki");
     std::fs::write(&bundle, successor.ca_pem()).expect("bundle");
     let (status, body) = w.rt.block_on(post_reload(w.sandbox.admin));
     assert_eq!(status, 200, "{body}");
+    let r = on_open(&mut open);
+    assert_eq!(
+        r.status, 401,
+        "the open connection no longer vouches: {r:?}"
+    );
+    assert_eq!(r.json().expect("json")["reason"], "no_identity");
     // Refused at the handshake is as good as refused in the request.
     if let Ok(r) = send() {
         assert_eq!(r.status, 401, "{r:?}");

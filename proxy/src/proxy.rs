@@ -167,7 +167,7 @@ impl ProxyHttp for TetherProxy {
         // `workload` is only what Tether shows upstreams).
         ctx.req.peer = match (self.app.config.mode, &self.app.workload) {
             (Mode::Egress, Some(workload)) => Some(workload.current().identity.clone()),
-            _ => peer_identity(session),
+            _ => peer_identity(session, &self.app.verifier),
         };
         let telemetry = &self.app.telemetry;
         ctx.span = telemetry.start(session.req_header(), ctx.req.started);

@@ -12,7 +12,7 @@ use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use rustls::pki_types::CertificateDer;
 use tether_config::Config;
-use tether_filters::identity::tls::{SpiffeClientVerifier, TrustStore};
+use tether_filters::identity::tls::{SpiffeClientVerifier, TrustStore, VerifiedPeer};
 use tether_filters::identity::PeerIdentity;
 
 use crate::certs::ServerCert;
@@ -84,18 +84,22 @@ impl TlsAccept for PeerIdentityCallback {
         &self,
         tls: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
-        let peer = self.verifier.verify_peer(tls.peer_cert_chain_der()?)?;
-        Some(Arc::new(Arc::new(peer)))
+        let chain = tls.peer_cert_chain_der()?;
+        Some(Arc::new(self.verifier.verify_connection(chain)?))
     }
 }
 
-/// The verified identity of a session's connection, if any.
-pub fn peer_identity(session: &pingora::proxy::Session) -> Option<Arc<PeerIdentity>> {
-    session
+/// The verified identity of a session's connection, if any, judged by
+/// the bundles loaded now.
+pub fn peer_identity(
+    session: &pingora::proxy::Session,
+    verifier: &SpiffeClientVerifier,
+) -> Option<Arc<PeerIdentity>> {
+    let connection = session
         .digest()?
         .ssl_digest
         .as_ref()?
         .extension
-        .get::<Arc<PeerIdentity>>()
-        .cloned()
+        .get::<VerifiedPeer>()?;
+    verifier.current(connection)
 }

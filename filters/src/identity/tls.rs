@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,20 @@ pub struct SpiffeClientVerifier {
     /// The last leaf verified, so that [`Self::verify_peer`] right after
     /// the handshake that verified it need not verify it again.
     last: Mutex<Option<Verified>>,
+    /// Bumped by every [`Self::replace`]: a connection verified under an
+    /// older one is verified again before it is believed.
+    generation: AtomicU64,
+}
+
+/// A connection's verified client: its identity, and its chain, kept so
+/// that the connection is judged again when the bundles change while it
+/// is open (an SVID's CA removed by a reload must stop vouching for the
+/// connections it let in, not only for new ones).
+pub struct VerifiedPeer {
+    peer: Arc<PeerIdentity>,
+    chain: Vec<CertificateDer<'static>>,
+    /// The store generation the chain last verified against.
+    checked: AtomicU64,
 }
 
 /// A leaf that chained to a store's bundles at a moment.
@@ -104,7 +119,36 @@ impl SpiffeClientVerifier {
             mandatory,
             rejected,
             last: Mutex::new(None),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// [`Self::verify_peer`], keeping what a connection needs to be judged
+    /// again after a reload (see [`Self::current`]).
+    pub fn verify_connection(&self, chain: &[CertificateDer<'static>]) -> Option<VerifiedPeer> {
+        // Read first: a store replaced during the check is checked again.
+        let generation = self.generation.load(Ordering::Acquire);
+        let peer = self.verify_peer(chain)?;
+        Some(VerifiedPeer {
+            peer: Arc::new(peer),
+            chain: chain.to_vec(),
+            checked: AtomicU64::new(generation),
+        })
+    }
+
+    /// The identity of a connection for its next request: as verified,
+    /// unless the bundles have changed since, when its chain is verified
+    /// against them first (once per connection and reload, an atomic load
+    /// otherwise). `None` when it no longer verifies.
+    pub fn current(&self, connection: &VerifiedPeer) -> Option<Arc<PeerIdentity>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if connection.checked.load(Ordering::Acquire) != generation {
+            let (leaf, intermediates) = connection.chain.split_first()?;
+            self.verify_client_cert(leaf, intermediates, UnixTime::now())
+                .ok()?;
+            connection.checked.store(generation, Ordering::Release);
+        }
+        Some(connection.peer.clone())
     }
 
     /// The identity of a connection's client chain, as verified against
@@ -142,6 +186,9 @@ impl SpiffeClientVerifier {
     /// store they started with; there is never a moment with none.
     pub fn replace(&self, store: TrustStore) {
         self.store.store(Arc::new(store));
+        // After the store: whoever sees the new generation verifies
+        // against the new store.
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     fn reject(&self, reason: &str, detail: String) -> Error {
@@ -321,6 +368,32 @@ mod tests {
         assert!(v
             .verify_peer(&[CertificateDer::from(other.der().to_vec())])
             .is_none());
+    }
+
+    #[test]
+    fn an_open_connection_is_judged_again_when_the_bundles_change() {
+        let a = Pki::new("a.example").expect("pki");
+        let v = verifier(&[&a]);
+        let leaf = a.leaf(&["spiffe://a.example/agent"]).expect("leaf");
+        let connection = v
+            .verify_connection(&[CertificateDer::from(leaf.der().to_vec())])
+            .expect("verified");
+        assert!(v.current(&connection).is_some());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let store = |pki: &Pki| {
+            TrustStore::new(
+                vec![(pki.trust_domain.clone(), vec![pki.ca_der().to_vec().into()])],
+                &provider,
+            )
+            .expect("store")
+        };
+        // The same CA again: still good.
+        v.replace(store(&a));
+        assert!(v.current(&connection).is_some());
+        // Its CA replaced by another: the connection no longer vouches.
+        v.replace(store(&Pki::new("a.example").expect("pki")));
+        assert!(v.current(&connection).is_none());
+        assert_eq!(v.rejected.with_label_values(&["chain"]).get(), 1);
     }
 
     #[test]
