@@ -438,3 +438,19 @@ fn a_request_in_flight_at_shutdown_is_recorded_as_aborted() {
     assert_eq!(last["agent"], TRIAGE, "{last}");
     assert_eq!(last["method"], "GET", "{last}");
 }
+
+#[test]
+fn a_protocol_upgrade_is_refused() {
+    // After a 101 the proxy would relay raw bytes: no request in a
+    // WebSocket would ever be decided.
+    let w = World::new();
+    let r = w
+        .send(
+            Some(TRIAGE),
+            "GET",
+            "/v1/repos/tether/issues",
+            &[("connection", "Upgrade"), ("upgrade", "websocket")],
+        )
+        .expect("response");
+    assert_refused(&r, 400, "bad_request");
+}

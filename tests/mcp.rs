@@ -174,3 +174,39 @@ fn batches_malformed_and_oversized_bodies_never_bypass_policy() {
         assert_eq!(line["stage"], "mcp", "{line}");
     }
 }
+
+#[test]
+fn a_body_that_trickles_in_is_cut_off_and_the_call_never_decided() {
+    // The stages before the body decided when the headers came: a call
+    // may not hold that decision open a chunk at a time (past an
+    // offboarding, or the end of business hours).
+    let w = world();
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    let started = std::time::Instant::now();
+    let r = w.rt.block_on(async {
+        let mut c = client.connect().await?;
+        c.write(
+            b"POST /mcp HTTP/1.1\r\nhost: tether\r\ncontent-type: application/json\r\n\
+              transfer-encoding: chunked\r\n\r\n1\r\n \r\n",
+        )
+        .await?;
+        // Nothing more: a slow sender would add a space now and then,
+        // each within pingora's 60 s per read.
+        c.read_response().await
+    });
+    let r = r.expect("an answer");
+    assert_rpc_error(&r, 400, -32600, "bad_request");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < std::time::Duration::from_secs(20),
+        "cut off after {elapsed:?}"
+    );
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert!(
+        line["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not received within"),
+        "{line}"
+    );
+}

@@ -176,8 +176,9 @@ pub struct TrustDomain {
     pub bundle: PathBuf,
 }
 
-/// The admin listener. It serves health and metrics and must not be
-/// reachable by agents, so it binds to loopback unless told otherwise.
+/// The admin listener: health, metrics and reload, without credentials.
+/// It binds to loopback unless told otherwise (`tether check` warns when
+/// it is not); in egress mode the pod's agent shares that loopback.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {

@@ -268,13 +268,20 @@ pub fn error_body(call: Option<&McpCall>, denial: &Denial, request_id: &str) -> 
 pub fn filter_tools(body: &[u8], visible: impl Fn(&str) -> bool) -> Result<Vec<u8>, String> {
     let mut value: Value = serde_json::from_slice(body)
         .map_err(|e| format!("tools/list response is not JSON: {e}"))?;
-    if let Some(tools) = value
+    // Two shapes only: a result with its list of tools, or an error. Any
+    // other (a batch, a result without `tools`) could hold tools this
+    // filter would not see, and is refused rather than passed on.
+    if value.get("error").is_some_and(Value::is_object) && value.get("result").is_none() {
+        return serde_json::to_vec(&value).map_err(|e| e.to_string());
+    }
+    let Some(tools) = value
         .get_mut("result")
         .and_then(|r| r.get_mut("tools"))
         .and_then(Value::as_array_mut)
-    {
-        tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(&visible));
-    }
+    else {
+        return Err("tools/list response has no `result.tools` list and is no error".into());
+    };
+    tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(&visible));
     serde_json::to_vec(&value).map_err(|e| e.to_string())
 }
 
@@ -468,5 +475,22 @@ mod tests {
         let filtered = filter_tools(body, |name| name == "b").expect("filtered");
         let v: Value = serde_json::from_slice(&filtered).expect("json");
         assert_eq!(v["result"]["tools"], serde_json::json!([{"name": "b"}]));
+    }
+
+    #[test]
+    fn a_tools_list_response_of_another_shape_is_refused_not_passed_on() {
+        let error = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}"#;
+        assert!(filter_tools(error, |_| false).is_ok(), "an error passes");
+        for body in [
+            &br#"[{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"rm"}]}}]"#[..],
+            br#"{"jsonrpc":"2.0","id":1,"result":{"tools":{"name":"rm"}}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+        ] {
+            assert!(
+                filter_tools(body, |_| false).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }

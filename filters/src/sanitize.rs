@@ -25,6 +25,15 @@ impl Filter for Sanitize {
     }
 
     fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
+        if req.headers.contains_key(http::header::UPGRADE) {
+            // After a `101` the proxy relays raw bytes both ways: a
+            // WebSocket would carry any number of actions past every later
+            // check, for as long as it stays open.
+            return Err(Denial::new(
+                Reason::BadRequest,
+                "protocol upgrades (`Upgrade`) are not proxied: each request is decided on its own",
+            ));
+        }
         strip_identity_headers(req);
         // Decide on the target as it came off the wire: pingora keeps a
         // non-origin-form target verbatim and forwards it so, whatever
@@ -436,6 +445,18 @@ mod tests {
             req.headers.get("x-keep").map(|v| v.as_bytes()),
             Some(&b"yes"[..])
         );
+    }
+
+    #[test]
+    fn an_upgrade_is_refused() {
+        let mut req = RequestHeader::build("GET", b"/v1/x", None).expect("request");
+        req.insert_header("connection", "Upgrade").expect("header");
+        req.insert_header("upgrade", "websocket").expect("header");
+        let denial = Sanitize
+            .apply(&mut req, &mut testing::ctx())
+            .expect_err("refused");
+        assert_eq!(denial.reason, Reason::BadRequest);
+        assert!(denial.detail.contains("Upgrade"), "{}", denial.detail);
     }
 
     #[test]

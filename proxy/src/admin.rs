@@ -1,5 +1,8 @@
 //! The admin listener: health, readiness, Prometheus metrics and reload.
-//! It binds to loopback by default; agents never reach it.
+//! It binds to loopback by default and asks no credentials: in ingress
+//! mode agents, on other hosts, do not reach it; in egress mode the agent
+//! shares the pod's loopback and can, which is why a reload with nothing
+//! changed reads nothing and the metrics say nothing of other pods.
 
 use std::sync::Arc;
 

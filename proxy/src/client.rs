@@ -218,9 +218,21 @@ impl Connection {
             request.push_str(&format!("content-length: {}\r\n", body.len()));
         }
         request.push_str("\r\n");
-        self.tls.write_all(request.as_bytes()).await?;
-        self.tls.write_all(body).await?;
+        self.write(request.as_bytes()).await?;
+        self.write(body).await?;
+        self.read_response().await
+    }
+
+    /// Writes `bytes` as they are: for requests a well-behaved client would
+    /// not send, or not send at once.
+    pub async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.tls.write_all(bytes).await?;
         self.tls.flush().await?;
+        Ok(())
+    }
+
+    /// Reads the next response on this connection.
+    pub async fn read_response(&mut self) -> anyhow::Result<Response> {
         loop {
             if let Some(head_end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = parse_response(&self.buf[..head_end + 4])?;

@@ -64,6 +64,10 @@ impl Drop for Ctx {
     }
 }
 
+/// The longest a request's body may take to arrive when it must be read
+/// to decide (MCP calls).
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The longest a request waits for an issuer's keys to be refetched.
 const KEY_REFETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -178,7 +182,19 @@ impl ProxyHttp for TetherProxy {
             let resume_at = match progress {
                 Ok(Progress::Done) => break,
                 Ok(Progress::NeedsBody { resume_at, limit }) => {
-                    match read_body(session, limit).await {
+                    // The stages before this decided at `started`, under the
+                    // snapshot of then: a body may not keep that decision
+                    // open for long (a chunk every minute could hold it for
+                    // weeks, past an offboarding or a reload).
+                    let read = tokio::time::timeout(BODY_DEADLINE, read_body(session, limit))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Denial::new(
+                                Reason::BadRequest,
+                                format!("body not received within {} s", BODY_DEADLINE.as_secs()),
+                            ))
+                        });
+                    match read {
                         Ok(body) => ctx.req.body = Some(body),
                         Err(denial) => {
                             let stage = self.app.chain.name_at(resume_at);
@@ -217,6 +233,17 @@ impl ProxyHttp for TetherProxy {
             );
             return self.refuse_at(session, ctx, "upstream", denial).await;
         }
+        if ctx
+            .req
+            .mcp
+            .as_ref()
+            .is_some_and(|m| m.method == "tools/list")
+        {
+            // Its response is read and filtered: it must come as plain JSON.
+            session
+                .req_header_mut()
+                .remove_header(&http::header::ACCEPT_ENCODING);
+        }
         Ok(false)
     }
 
@@ -242,11 +269,13 @@ impl ProxyHttp for TetherProxy {
             headers.try_insert(REQUEST_ID, request_id)
         })
         .map_err(|e| Error::because(pingora::ErrorType::InternalError, "response headers", e))?;
-        if ctx
-            .req
-            .mcp
-            .as_ref()
-            .is_some_and(|m| m.method == "tools/list")
+        // An informational response (`100 Continue`) precedes the real one.
+        if !resp.status.is_informational()
+            && ctx
+                .req
+                .mcp
+                .as_ref()
+                .is_some_and(|m| m.method == "tools/list")
         {
             let json = resp
                 .headers
@@ -262,8 +291,11 @@ impl ProxyHttp for TetherProxy {
                 resp.set_status(502)?;
                 resp.insert_header("content-type", "application/json")?;
             }
-            // The filtered body has another length.
+            // The filtered body has another length, and is plain JSON
+            // (the request asked for no encoding, and whatever the upstream
+            // sent is replaced).
             resp.remove_header("content-length");
+            resp.remove_header("content-encoding");
             resp.insert_header("transfer-encoding", "chunked")?;
         }
         Ok(())
