@@ -156,6 +156,18 @@ fn the_example_config_loads_with_its_registry_schema_and_policies() {
     );
 }
 
+/// `tether check --config CONFIG`: its exit status, stdout and stderr.
+fn check(config: &std::path::Path) -> (Option<i32>, String) {
+    let out = Command::new(TETHER)
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .expect("tether runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), format!("{stdout}{stderr}"))
+}
+
 #[test]
 fn the_egress_example_loads_with_a_pod_svid() {
     let dir = tempfile::tempdir().expect("dir");
@@ -168,18 +180,8 @@ fn the_egress_example_loads_with_a_pod_svid() {
     std::fs::write(certs.join("svid.pem"), &svid.cert_pem).expect("write");
     std::fs::write(certs.join("svid-key.pem"), &svid.key_pem).expect("write");
     std::fs::write(certs.join("example.org.bundle.pem"), pki.ca_pem()).expect("write");
-    let out = Command::new(TETHER)
-        .args(["check", "--config"])
-        .arg(dir.path().join("egress.yaml"))
-        .output()
-        .expect("tether runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stdout) = check(&dir.path().join("egress.yaml"));
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("1 token issuers"), "{stdout}");
     assert!(!stdout.contains("chosen by host"), "{stdout}");
     // A route for any host, where an upstream is chosen by host: its
@@ -192,13 +194,8 @@ fn the_egress_example_loads_with_a_pod_svid() {
         text.replacen("    host: repos.internal.example.org", "", 1),
     )
     .expect("write");
-    let out = Command::new(TETHER)
-        .args(["check", "--config"])
-        .arg(&any_host)
-        .output()
-        .expect("tether runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let (code, stdout) = check(&any_host);
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(
         stdout.contains("warning: routes[0]: `/v1/repos/{repo}/issues` matches any host, and upstream `repos` is chosen by host"),
         "{stdout}"
@@ -255,17 +252,8 @@ fn check_warns_about_an_admin_listener_beyond_loopback() {
         text.replace("address: 127.0.0.1:9901", "address: 0.0.0.0:9901"),
     )
     .expect("write");
-    let out = Command::new(TETHER)
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("tether runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "a warning, not an error: {stdout}"
-    );
+    let (code, stdout) = check(&config);
+    assert_eq!(code, Some(0), "a warning, not an error: {stdout}");
     assert!(
         stdout.contains("warning: admin.address: `0.0.0.0:9901` is reachable beyond this host"),
         "{stdout}"
