@@ -1,7 +1,7 @@
 //! The pingora proxy. It holds no policy: it runs the filter chain, writes
 //! refusals, forwards what the chain allowed, and records every outcome.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -74,7 +74,7 @@ const KEY_REFETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// A `tools/list` response being filtered.
 enum ToolsList {
     /// JSON arriving: held until complete (bounded), then filtered.
-    Buffering(Vec<u8>),
+    Buffering(Held),
     /// Not something Tether can filter: replaced by an error, since an
     /// unfiltered list would show tools the agent may not call.
     Refuse,
@@ -82,6 +82,42 @@ enum ToolsList {
 
 /// Most bytes of a `tools/list` response held for filtering.
 const MAX_TOOLS_LIST: usize = 4 * 1024 * 1024;
+
+/// The most bytes of `tools/list` answers held at once, by all requests
+/// together: each is bounded, and so is their sum (two hundred agents
+/// listing tools at once must not hold 200 × 4 MiB).
+const MAX_TOOLS_LIST_HELD: usize = 64 * 1024 * 1024;
+
+/// Bytes held in [`Held`] answers now.
+static TOOLS_LIST_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// A `tools/list` answer being held, its bytes counted in
+/// [`TOOLS_LIST_HELD`] until it is dropped.
+#[derive(Default)]
+struct Held(Vec<u8>);
+
+impl Held {
+    /// Adds `chunk`, unless that would take this answer or all of them
+    /// over their bound: then `false`, and nothing is added.
+    fn extend(&mut self, chunk: &[u8]) -> bool {
+        if self.0.len() + chunk.len() > MAX_TOOLS_LIST {
+            return false;
+        }
+        let before = TOOLS_LIST_HELD.fetch_add(chunk.len(), Ordering::AcqRel);
+        if before + chunk.len() > MAX_TOOLS_LIST_HELD {
+            TOOLS_LIST_HELD.fetch_sub(chunk.len(), Ordering::AcqRel);
+            return false;
+        }
+        self.0.extend_from_slice(chunk);
+        true
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        TOOLS_LIST_HELD.fetch_sub(self.0.len(), Ordering::AcqRel);
+    }
+}
 
 impl TetherProxy {
     /// A proxy forwarding to `upstreams`.
@@ -283,7 +319,7 @@ impl ProxyHttp for TetherProxy {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("json"));
             ctx.tools_list = Some(if json && resp.status.is_success() {
-                ToolsList::Buffering(Vec::new())
+                ToolsList::Buffering(Held::default())
             } else {
                 ToolsList::Refuse
             });
@@ -312,21 +348,21 @@ impl ProxyHttp for TetherProxy {
             return Ok(None);
         };
         if let (ToolsList::Buffering(held), Some(chunk)) = (&mut *state, body.take()) {
-            if held.len() + chunk.len() > MAX_TOOLS_LIST {
+            if !held.extend(&chunk) {
                 *state = ToolsList::Refuse;
-            } else {
-                held.extend_from_slice(&chunk);
             }
         }
         if !end_of_stream {
             return Ok(None);
         }
         let filtered = match state {
-            ToolsList::Buffering(held) => mcp::filter_tools(held, |tool| {
+            ToolsList::Buffering(held) => mcp::filter_tools(&held.0, |tool| {
                 mcp::tool_visible(&self.app.cache, &ctx.req, tool)
             }),
             ToolsList::Refuse => Err("tools/list response is not JSON Tether can filter".into()),
         };
+        // What was held is let go now, not with the request.
+        ctx.tools_list = None;
         *body = Some(Bytes::from(filtered.unwrap_or_else(|e| {
             log::warn!("{e}: replaced by an error");
             mcp::error_body(
@@ -413,5 +449,32 @@ fn failure_reason(e: &Error) -> Reason {
     match e.esource() {
         ErrorSource::Upstream => Reason::UpstreamError,
         _ => Reason::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_tools_list_answers_are_bounded_each_and_together() {
+        let mut one = Held::default();
+        assert!(one.extend(&vec![b' '; MAX_TOOLS_LIST]));
+        assert!(!one.extend(b" "), "one answer over its bound");
+        // Together: as many whole answers as the sum allows, then none,
+        // until one is let go.
+        let mut held = vec![one];
+        while held.len() < MAX_TOOLS_LIST_HELD / MAX_TOOLS_LIST {
+            let mut next = Held::default();
+            assert!(next.extend(&vec![b' '; MAX_TOOLS_LIST]));
+            held.push(next);
+        }
+        let mut refused = Held::default();
+        assert!(!refused.extend(b"{}"), "all answers over their bound");
+        held.pop();
+        assert!(refused.extend(b"{}"));
+        drop(held);
+        drop(refused);
+        assert_eq!(TOOLS_LIST_HELD.load(Ordering::Acquire), 0);
     }
 }
