@@ -24,6 +24,17 @@ fn agent(id: &str, owner: &str, state: AgentState) -> AgentSpec {
     }
 }
 
+/// The example config in front of `upstream`, a listener the test holds
+/// (and answers, or not, as it likes).
+fn world_with_upstream(upstream: &std::net::TcpListener) -> World {
+    let address = upstream.local_addr().expect("addr").to_string();
+    World::with(move |c| {
+        if let Some(u) = c.upstream.as_mut() {
+            u.address = address;
+        }
+    })
+}
+
 fn assert_refused(r: &Response, status: u16, reason: &str) {
     assert_eq!(r.status, status, "{r:?}");
     let body = r.json().expect("json body");
@@ -53,6 +64,13 @@ fn an_owned_agent_is_allowed_and_the_upstream_sees_its_verified_identity() {
     assert_eq!(line["owner"], "alice@example.org");
     assert_eq!(line["policies"][0], "agents-work-issues");
     assert_eq!(line["status"], 200);
+    // The example names no upstream: its address stands for it.
+    assert!(
+        line["upstream"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("127.0.0.1:")),
+        "{line}"
+    );
     assert_eq!(line["request_id"].as_str(), r.header("x-tether-request-id"));
 }
 
@@ -240,6 +258,10 @@ fn spoofed_identity_headers_are_replaced_by_the_verified_ones() {
                     "By=spiffe://example.org/agents/admin",
                 ),
                 ("x_tether_agent", "spiffe://example.org/agents/admin"),
+                // What an API behind a proxy trusts: who the client is,
+                // which method it meant.
+                ("x-forwarded-for", "10.0.0.1"),
+                ("x-http-method-override", "DELETE"),
                 // The proxy strips what `Connection` names before it
                 // forwards: it must not take Tether's headers with it.
                 (
@@ -256,10 +278,13 @@ fn spoofed_identity_headers_are_replaced_by_the_verified_ones() {
     assert!(headers.get("x-tether-anything").is_none(), "{headers}");
     assert!(headers.get("x_tether_agent").is_none(), "{headers}");
     assert!(headers.get("x-tether-request-id").is_some(), "{headers}");
-    assert!(
-        headers.get("x-forwarded-client-cert").is_none(),
-        "{headers}"
-    );
+    for spoofed in [
+        "x-forwarded-client-cert",
+        "x-forwarded-for",
+        "x-http-method-override",
+    ] {
+        assert!(headers.get(spoofed).is_none(), "{spoofed}: {headers}");
+    }
 }
 
 #[test]
@@ -417,12 +442,7 @@ fn a_request_in_flight_at_shutdown_is_recorded_as_aborted() {
     // An upstream that takes the request and never answers: the request
     // is still in flight when Tether is told to stop at once.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let address = silent.local_addr().expect("addr").to_string();
-    let mut w = World::with(move |c| {
-        if let Some(u) = c.upstream.as_mut() {
-            u.address = address;
-        }
-    });
+    let mut w = world_with_upstream(&silent);
     let client = w.sandbox.client(Some(TRIAGE)).expect("client");
     let pending =
         w.rt.spawn(async move { client.send("GET", "/v1/repos/tether/issues", &[]).await });
@@ -435,8 +455,36 @@ fn a_request_in_flight_at_shutdown_is_recorded_as_aborted() {
     let lines = w.sandbox.audit_lines(1);
     let last = lines.last().expect("a line");
     assert_eq!(last["reason"], "aborted", "{last}");
+    // It had been allowed, and may have been acted on.
+    assert_eq!(last["decision"], "allow", "{last}");
     assert_eq!(last["agent"], TRIAGE, "{last}");
     assert_eq!(last["method"], "GET", "{last}");
+}
+
+#[test]
+fn an_allowed_request_whose_client_hangs_up_is_still_recorded_as_allowed() {
+    // The upstream has the request (and may act on it) when the client
+    // goes away: an agent must not be able to turn an action into a
+    // "deny, nothing forwarded" line by hanging up.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let w = world_with_upstream(&silent);
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    let mut connection = w.rt.block_on(client.connect()).expect("connect");
+    w.rt.block_on(connection.write(
+        b"POST /v1/repos/tether/issues HTTP/1.1\r\nhost: api\r\ncontent-length: 2\r\n\r\n{}",
+    ))
+    .expect("write");
+    let (_held, _) = silent.accept().expect("the proxy connects upstream");
+    drop(connection);
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["reason"], "client_closed", "{line}");
+    assert_eq!(line["agent"], TRIAGE, "{line}");
+    let metrics = String::from_utf8_lossy(&w.admin("/metrics").body).into_owned();
+    assert!(
+        metrics.contains(r#"tether_requests_total{decision="allow",reason="client_closed"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -453,4 +501,42 @@ fn a_protocol_upgrade_is_refused() {
         )
         .expect("response");
     assert_refused(&r, 400, "bad_request");
+    // A header pingora itself refuses once the chain has run (it will not
+    // strip `host` for a `Connection` naming it) is answered, not dropped.
+    let r = w
+        .send(
+            Some(TRIAGE),
+            "GET",
+            "/v1/repos/tether/issues",
+            &[("connection", "x-tether-agent, host")],
+        )
+        .expect("an answer, not a closed connection");
+    assert_eq!(r.status, 400, "{r:?}");
+    let last = w.sandbox.audit_lines(2).pop().expect("a line");
+    assert_eq!(last["reason"], "bad_request", "{last}");
+}
+
+#[test]
+fn an_ipv4_client_of_a_dual_stack_listener_is_seen_as_ipv4() {
+    // Policy's `context.source_ip` and the audit line's `client` are one
+    // value: `::ffff:127.0.0.1` would be neither loopback nor in any IPv4
+    // range to Cedar.
+    let w = World::with(|c| c.listener.address = "[::]:0".into());
+    let r = w.get(TRIAGE, "/v1/repos/tether/issues");
+    assert_eq!(r.status, 200, "{r:?}");
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
+}
+
+#[test]
+fn the_error_log_names_a_failed_request_without_its_query() {
+    // Nothing listens there: the upstream connection is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let w = world_with_upstream(&closed);
+    drop(closed);
+    let r = w.get(TRIAGE, "/v1/repos/tether/issues?access_token=s3cret");
+    assert_eq!(r.status, 502, "{r:?}");
+    let log = std::fs::read_to_string(w.sandbox.dir.path().join("tether.log")).expect("log");
+    assert!(log.contains("/v1/repos/tether/issues"), "{log}");
+    assert!(!log.contains("s3cret"), "{log}");
 }

@@ -118,7 +118,7 @@ fn egress() -> (World, Pod, String) {
             },
             algorithms: vec![JwtAlgorithm::ES256],
             agent_claim: "sub".into(),
-            trust_domain: None,
+            trust_domain: Some("example.org".into()),
             agent_prefix: None,
         }];
         let plain = c.upstream.take().expect("example upstream");

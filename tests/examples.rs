@@ -201,6 +201,61 @@ fn the_egress_example_loads_with_a_pod_svid() {
         "{stdout}"
     );
     assert_eq!(stdout.matches("chosen by host").count(), 1, "{stdout}");
+    // What `run` would refuse, `check` refuses too: an upstream CA that
+    // holds no certificate, an audit log in a folder that is not there.
+    std::fs::write(certs.join("garbage.pem"), "garbage").expect("write");
+    for (from, to, expected) in [
+        (
+            "ca: certs/example.org.bundle.pem",
+            "ca: certs/garbage.pem",
+            "tls.ca",
+        ),
+        (
+            "  output: stdout",
+            "  output: /nonexistent-folder/audit.log",
+            "audit.output",
+        ),
+    ] {
+        let broken = dir.path().join("broken.yaml");
+        assert!(text.contains(from), "{from}");
+        std::fs::write(&broken, text.replacen(from, to, 1)).expect("write");
+        let (code, stdout) = check(&broken);
+        assert_eq!(code, Some(1), "{to}: {stdout}");
+        assert!(stdout.contains(expected), "{to}: {stdout}");
+    }
+    // Its routes name their host: explained with it, as the proxy sees
+    // the request, and without it, where no route matches.
+    let explain = |host: Option<&str>| {
+        let mut args = vec![
+            "explain".to_string(),
+            "--config".into(),
+            egress.to_string_lossy().into_owned(),
+            "--agent".into(),
+            "spiffe://example.org/agents/issue-triage".into(),
+            "--path".into(),
+            "/v1/repos/tether/issues".into(),
+        ];
+        if let Some(host) = host {
+            args.extend(["--host".into(), host.into()]);
+        }
+        let out = Command::new(TETHER)
+            .args(&args)
+            .output()
+            .expect("tether runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = explain(Some("repos.internal.example.org:443"));
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("ALLOW  GET /v1/repos/tether/issues"),
+        "{stdout}"
+    );
+    let (code, stdout) = explain(None);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("(no_route)"), "{stdout}");
     // The example's policies with the pod's SVID as the principal.
     let config = Config::load(&dir.path().join("egress.yaml")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.mode, tether_config::Mode::Egress);

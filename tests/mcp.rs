@@ -136,6 +136,46 @@ fn tools_list_shows_only_the_tools_the_agent_may_call() {
 }
 
 #[test]
+fn tools_list_sent_as_server_sent_events_is_filtered_too() {
+    let w = world();
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    let list = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/list", "params": {}});
+    // What MCP clients send: either, events preferred (the test server
+    // answers with events when they come first).
+    let r =
+        w.rt.block_on(client.send_body(
+            "POST",
+            "/mcp",
+            &[
+                ("content-type", "application/json"),
+                ("accept", "text/event-stream, application/json"),
+            ],
+            list.to_string().as_bytes(),
+        ))
+        .expect("response");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let body = String::from_utf8(r.body.clone()).expect("utf-8");
+    let events: Vec<Value> = body
+        .split("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|data| serde_json::from_str(data).expect("one JSON line per event"))
+        .collect();
+    // The server's notification passes; its answer, split over two data
+    // lines, arrives whole and filtered.
+    assert_eq!(events.len(), 2, "{body}");
+    assert_eq!(events[0]["method"], "notifications/progress");
+    assert_eq!(events[1]["id"], 7);
+    let names: Vec<&str> = events[1]["result"]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["search_issues", "create_issue"], "{body}");
+}
+
+#[test]
 fn batches_malformed_and_oversized_bodies_never_bypass_policy() {
     let w = world();
     let batch = json!([

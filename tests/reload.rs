@@ -389,3 +389,35 @@ fn a_reload_with_nothing_changed_reads_nothing() {
     assert_eq!(body["status"], "unchanged", "{body}");
     assert_eq!(w.metric("tether_config_generation"), 2.0);
 }
+
+#[test]
+fn a_changed_upstream_ca_file_is_refused_until_a_restart() {
+    // A CA dropped from an upstream's bundle (rotated, or compromised)
+    // must not go on being trusted while a reload reports success.
+    let outside = tempfile::tempdir().expect("dir");
+    let ca = outside.path().join("upstream-ca.pem");
+    let pki = |td: &str| tether_filters::identity::pki::Pki::new(td).expect("pki");
+    std::fs::write(&ca, pki("first.example").ca_pem()).expect("write");
+    let path = ca.clone();
+    let w = World::with(move |c| {
+        c.reload.watch = false;
+        let api = c.upstream.take().expect("the example's upstream");
+        let tls = tether_config::UpstreamTls {
+            server_name: "other.example".into(),
+            ca: Some(path),
+            client_certificate: false,
+        };
+        let other = tether_config::Upstream {
+            name: Some("other".into()),
+            hosts: Some(tether_config::OneOrMany::One("other.example".into())),
+            tls: Some(tls),
+            ..api.clone()
+        };
+        c.upstreams = vec![other, api];
+    });
+    std::fs::write(&ca, pki("second.example").ca_pem()).expect("write");
+    let (status, body) = w.rt.block_on(post_reload(w.sandbox.admin));
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains("tls.ca"), "{body}");
+    assert_eq!(w.metric("tether_config_last_reload_successful"), 0.0);
+}

@@ -146,6 +146,20 @@ fn a_jwt_svid_alone_names_the_agent_and_goes_no_further() {
         echo["headers"].get("authorization").is_none(),
         "the token was for Tether; the upstream never sees it: {echo}"
     );
+    // Spaces or a tab: one scheme, one token, and it stops here too.
+    let token = key.token(&claims(TRIAGE));
+    let r = w
+        .send(
+            None,
+            "GET",
+            "/v1/repos/tether/issues",
+            &[("authorization", &format!("bearer\t{token}"))],
+        )
+        .expect("response");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.json().expect("echo")["headers"]
+        .get("authorization")
+        .is_none());
     let line = &w.sandbox.audit_lines(1)[0];
     assert_eq!(line["identity_kind"], "jwt_svid");
     assert_eq!(line["agent"], TRIAGE);
@@ -186,6 +200,19 @@ fn token_refusals_reach_the_caller_with_their_reason() {
         let status = if reason == "unregistered" { 403 } else { 401 };
         assert_refused(&r, status, reason);
     }
+    // A DPoP token is bound to a key Tether sees no proof of.
+    let r = w
+        .send(
+            None,
+            "GET",
+            "/v1/repos/tether/issues",
+            &[(
+                "authorization",
+                &format!("DPoP {}", key.token(&claims(TRIAGE))),
+            )],
+        )
+        .expect("response");
+    assert_refused(&r, 401, "token_not_bound");
     // No certificate and no token: nothing to go on.
     let r = w
         .send(None, "GET", "/v1/repos/tether/issues", &[])

@@ -90,6 +90,7 @@ pub struct Reload {
     /// listener works either way.
     pub watch: bool,
     /// How often to look for changes, in milliseconds.
+    #[schemars(range(min = 50))]
     pub poll_interval_ms: u64,
 }
 
@@ -243,6 +244,7 @@ pub struct Tokens {
     pub leeway_seconds: u64,
     /// The longest lifetime (`exp - iat`) accepted, in seconds. Long-lived
     /// tokens are refused (`token_lifetime`): credentials are short-lived.
+    #[schemars(range(min = 1, max = 604_800))]
     pub max_lifetime_seconds: u64,
     /// The largest token accepted, in bytes.
     pub max_token_bytes: usize,
@@ -412,6 +414,7 @@ pub struct JwksSource {
     /// URL: the least time between fetches caused by an unknown `kid`, in
     /// milliseconds; doubles after each failed fetch (up to a minute).
     #[serde(default = "default_jwks_cooldown")]
+    #[schemars(range(min = 1000))]
     pub min_refetch_interval_ms: u64,
 }
 
@@ -519,6 +522,7 @@ pub struct McpSpec {
     pub tool_type: String,
     /// Largest request body accepted, at most 65536.
     #[serde(default = "default_mcp_body")]
+    #[schemars(range(min = 1, max = 65536))]
     pub max_body_bytes: usize,
 }
 
@@ -542,8 +546,36 @@ pub struct ResourceSpec {
     pub id: String,
     /// Attributes of the resource, given to policy (`resource.visibility`):
     /// strings, integers or booleans, checked against the schema at load.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub attributes: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// A map that refuses a key written twice, where YAML would silently keep
+/// the last (`{public: 'yes', public: 'no'}`).
+fn unique_keys<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, serde_json::Value>, D::Error> {
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = std::collections::BTreeMap<String, serde_json::Value>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map of attributes")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Self::Value::new();
+            while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
+                if out.contains_key(&key) {
+                    return Err(serde::de::Error::custom(format!("`{key}` appears twice")));
+                }
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique)
 }
 
 /// The decision cache.
@@ -551,6 +583,7 @@ pub struct ResourceSpec {
 #[serde(deny_unknown_fields, default)]
 pub struct Cache {
     /// The most decisions held at once.
+    #[schemars(range(min = 1))]
     pub max_entries: u64,
     /// How long a decision is kept, in seconds. Reloads invalidate at once
     /// whatever this says.
@@ -629,6 +662,7 @@ pub enum OtlpProtocol {
 #[serde(deny_unknown_fields, default)]
 pub struct Audit {
     /// `stdout`, `stderr`, or a file path (appended to).
+    #[serde(deserialize_with = "registry::not_null")]
     pub output: String,
     /// Audit lines held for writing at most; past this, lines are dropped
     /// and counted in `tether_audit_dropped_total`.
@@ -649,6 +683,7 @@ impl Default for Audit {
 #[serde(deny_unknown_fields, default)]
 pub struct Server {
     /// Worker threads of the proxy. One is fastest on a small sidecar.
+    #[schemars(range(min = 1))]
     pub threads: usize,
     /// Seconds to keep serving open connections after SIGTERM.
     pub grace_period_seconds: u64,
@@ -872,3 +907,6 @@ pub(crate) fn read_file(path: &Path) -> Result<String, ConfigError> {
 
 #[cfg(test)]
 mod tests;
+
+/// The longest `tokens.max_lifetime_seconds` may be: a week.
+pub const MAX_TOKEN_LIFETIME_SECONDS: u64 = 7 * 24 * 3600;

@@ -38,12 +38,13 @@ pub struct AgentSpec {
     pub id: String,
     /// The human who answers for the agent (a name or an email). Required:
     /// no owner, no access.
+    #[serde(deserialize_with = "named_owner")]
     pub owner: String,
     /// The owner's team.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     pub team: String,
     /// What the agent is for, in a sentence.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     pub purpose: String,
     /// The end of the agent's business purpose: a date (`2027-06-30`, valid
     /// through the end of that day, UTC) or an RFC 3339 instant.
@@ -55,6 +56,21 @@ pub struct AgentSpec {
     /// Lifecycle state.
     #[serde(default)]
     pub state: AgentState,
+}
+
+/// A string that must be written: YAML reads `owner: ~` (or `null`) into
+/// a `String` as the text `~`, which would pass for a named owner.
+pub(crate) fn not_null<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Option::<String>::deserialize(d)?
+        .ok_or_else(|| serde::de::Error::custom("is null: write a value, or leave the field out"))
+}
+
+/// [`not_null`] for `owner`, saying which field it is (a custom error is
+/// located at the agent, not the field).
+fn named_owner<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Option::<String>::deserialize(d)?.ok_or_else(|| {
+        serde::de::Error::custom("`owner` is null: every agent needs a named human owner")
+    })
 }
 
 /// Where an agent is in its lifecycle.

@@ -64,6 +64,22 @@ fn a_wrong_type_names_the_field() {
 }
 
 #[test]
+fn a_null_owner_is_no_owner() {
+    // YAML would read `~` into a String as the text "~".
+    for null in ["~", "null", "Null"] {
+        let text = MINIMAL.replace("owner: alice@example.com", &format!("owner: {null}"));
+        let e = parse(&text).expect_err("a null owner");
+        assert!(e.field.starts_with("registry.agents[0]"), "{null}: {e}");
+        assert!(e.message.contains("`owner` is null"), "{e}");
+    }
+    let text = MINIMAL.replace("owner: alice@example.com", "owner: '~'");
+    assert!(
+        parse(&text).is_ok(),
+        "a quoted `~` is a string someone wrote"
+    );
+}
+
+#[test]
 fn validation_reports_every_problem_with_its_path() {
     let text = MINIMAL
         .replace("address: 127.0.0.1:8080", "address: localhost")
@@ -199,4 +215,85 @@ fn an_unknown_kid_cannot_make_tether_fetch_keys_on_every_request() {
             .any(|e| e.field == "tokens.issuers[0].jwks.min_refetch_interval_ms"),
         "{errors:?}"
     );
+}
+
+#[test]
+fn an_oidc_issuer_is_held_to_one_trust_domain() {
+    let with_issuer = |fields: &str| {
+        let text = MINIMAL.replace(
+            "policy:\n",
+            &format!(
+                "tokens:\n  issuers:\n    - kind: oidc\n      issuer: https://login.partner.example\n      \
+                 audiences: [tether]\n      jwks: {{url: 'https://login.partner.example/keys'}}\n{fields}policy:\n"
+            ),
+        );
+        parse(&text).expect("parses").validate()
+    };
+    // Neither: a partner's IdP could name an agent of any trust domain.
+    let errors = with_issuer("");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.field == "tokens.issuers[0].trust_domain" && e.message.contains("missing")),
+        "{errors:?}"
+    );
+    // A prefix outside the trust domain would map every subject to a refusal.
+    let errors = with_issuer(
+        "      trust_domain: example.org\n      agent_prefix: spiffe://partner.example/oidc/\n",
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.field == "tokens.issuers[0].agent_prefix"),
+        "{errors:?}"
+    );
+    for fields in [
+        "      trust_domain: example.org\n",
+        "      agent_prefix: spiffe://example.org/oidc/\n",
+        "      trust_domain: example.org\n      agent_prefix: spiffe://example.org/oidc/\n",
+    ] {
+        let errors = with_issuer(fields);
+        assert!(
+            !errors.iter().any(|e| e.field.starts_with("tokens")),
+            "{fields}: {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn routes_that_would_mean_less_than_they_say_are_refused() {
+    // A key written twice: YAML would keep the last, silently.
+    let text = MINIMAL.replace(
+        "resource: {type: Repo, id: '{repo}'}",
+        "resource: {type: Repo, id: '{repo}', attributes: {public: 'yes', public: 'no'}}",
+    );
+    let e = parse(&text).expect_err("a duplicate attribute");
+    assert!(e.message.contains("`public` appears twice"), "{e}");
+    for (from, to, field) in [
+        // A host list of none: a route that matches nothing.
+        (
+            "    path: /v1/repos/{repo}/issues\n",
+            "    host: []\n    path: /v1/repos/{repo}/issues\n",
+            "routes[0].host",
+        ),
+        (
+            "  address: 127.0.0.1:8080\n",
+            "  address: 127.0.0.1:8080\n  hosts: []\n",
+            "upstream.hosts",
+        ),
+        // An MCP route's actions are its methods: this one would be ignored.
+        (
+            "    path: /v1/repos/{repo}/issues\n",
+            "    path: /v1/repos/{repo}/issues\n    mcp: {tool_type: Tool}\n",
+            "routes[0].action",
+        ),
+    ] {
+        let text = MINIMAL.replace(from, to);
+        assert_ne!(text, MINIMAL, "{to}");
+        let errors = parse(&text).expect("parses").validate();
+        assert!(
+            errors.iter().any(|e| e.field == field),
+            "{field}: {errors:?}"
+        );
+    }
 }

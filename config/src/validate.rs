@@ -282,6 +282,16 @@ fn check_upstreams(p: &mut Problems<'_>, c: &Config) {
                 p.push(format!("{field}.name"), format!("`{name}` is used twice"));
             }
         }
+        if upstream
+            .hosts
+            .as_ref()
+            .is_some_and(|h| h.values().is_empty())
+        {
+            p.push(
+                format!("{field}.hosts"),
+                "names no host, so the upstream would take nothing by host: leave it out",
+            );
+        }
         for host in upstream.hosts.iter().flat_map(|h| h.values()) {
             check_host(p, &format!("{field}.hosts"), host);
         }
@@ -324,6 +334,16 @@ fn check_tokens(p: &mut Problems<'_>, c: &Config) {
         if value == 0 {
             p.push(field, "must be at least 1");
         }
+    }
+    if t.max_lifetime_seconds > crate::MAX_TOKEN_LIFETIME_SECONDS {
+        p.push(
+            "tokens.max_lifetime_seconds",
+            format!(
+                "must be at most {} (a week): a token that lives longer is a \
+                 shared secret by another name",
+                crate::MAX_TOKEN_LIFETIME_SECONDS
+            ),
+        );
     }
     let mut seen = HashSet::new();
     for (i, issuer) in t.issuers.iter().enumerate() {
@@ -393,6 +413,14 @@ fn check_tokens(p: &mut Problems<'_>, c: &Config) {
                     issuer.kind.as_str()
                 ),
             ),
+            // Without one, the issuer could name an agent of any trust
+            // domain: a partner's IdP would speak for ours.
+            TokenKind::Oidc if issuer.trust_domain.is_none() && issuer.agent_prefix.is_none() => p
+                .push(
+                    at("trust_domain"),
+                    "missing: an `oidc` issuer names the trust domain of its agents \
+                     (`trust_domain`, or the domain of its `agent_prefix`)",
+                ),
             _ => {}
         }
         if let Some(prefix) = &issuer.agent_prefix {
@@ -401,11 +429,28 @@ fn check_tokens(p: &mut Problems<'_>, c: &Config) {
                     at("agent_prefix"),
                     "only `oidc` issuers map claims by prefix",
                 );
-            } else if !prefix.ends_with('/') || SpiffeId::parse(&format!("{prefix}x")).is_err() {
-                p.push(
-                    at("agent_prefix"),
-                    format!("`{prefix}` must be a SPIFFE ID prefix ending in `/`, e.g. `spiffe://example.org/oidc/`"),
-                );
+            } else {
+                match SpiffeId::parse(&format!("{prefix}x")) {
+                    Ok(id) if prefix.ends_with('/') => {
+                        if let Some(td) = issuer
+                            .trust_domain
+                            .as_deref()
+                            .filter(|td| *td != id.trust_domain())
+                        {
+                            p.push(
+                                at("agent_prefix"),
+                                format!(
+                                    "`{prefix}` is not in the issuer's trust domain `{td}`: \
+                                     every agent it maps would be refused"
+                                ),
+                            );
+                        }
+                    }
+                    _ => p.push(
+                        at("agent_prefix"),
+                        format!("`{prefix}` must be a SPIFFE ID prefix ending in `/`, e.g. `spiffe://example.org/oidc/`"),
+                    ),
+                }
             }
         }
     }
@@ -461,6 +506,12 @@ fn check_host(p: &mut Problems<'_>, field: &str, host: &str) {
 
 fn check_route(p: &mut Problems<'_>, i: usize, route: &crate::Route) {
     let methods = route.method.values();
+    if route.host.as_ref().is_some_and(|h| h.values().is_empty()) {
+        p.push(
+            format!("routes[{i}].host"),
+            "names no host, so the route would match nothing: leave it out for any host",
+        );
+    }
     for host in route.host.iter().flat_map(|h| h.values()) {
         check_host(p, &format!("routes[{i}].host"), host);
     }
@@ -498,6 +549,12 @@ fn check_route(p: &mut Problems<'_>, i: usize, route: &crate::Route) {
         (None, None) => p.push(
             format!("routes[{i}].action"),
             "missing: every route but an MCP one names its Cedar action",
+        ),
+        // Each JSON-RPC method is the action there: a policy on this one
+        // would never be asked.
+        (Some(_), Some(_)) => p.push(
+            format!("routes[{i}].action"),
+            "an MCP route's actions are its JSON-RPC methods (`tools/call`, ...): leave `action` out",
         ),
         _ => {}
     }

@@ -604,7 +604,7 @@ fn error_decision(error: String) -> Decision {
 /// decision costs about half the memory (tests/cache_memory.rs measures
 /// it), and a hit takes a shard's read lock only.
 pub struct DecisionCache {
-    cache: quick_cache::sync::Cache<DecisionInput, Cached>,
+    cache: quick_cache::sync::Cache<DecisionInput, Cached, ByKeyBytes>,
     /// Distinct decisions, shared by the entries that reached them: there
     /// are few (one per combination of deciding policies) while entries
     /// are many, so each entry holds a pointer rather than its own copy.
@@ -623,6 +623,38 @@ struct Cached {
     decision: Arc<Decision>,
     /// Milliseconds after [`DecisionCache::born`].
     expires_ms: u64,
+    /// What the entry counts for against `max_entries`: see [`weight`].
+    weight: u32,
+}
+
+/// The bytes of key an entry may hold and still count as one: a resource
+/// id, tool arguments and a delegation chain of a few hundred bytes, as
+/// nearly every request's are.
+const ENTRY_BYTES: usize = 256;
+
+/// What a decision for `input` counts for in the cache: one, and one more
+/// for every [`ENTRY_BYTES`] its key holds beyond. So `max_entries` bounds
+/// the cache's bytes too, not only its count: an agent asking for 100,000
+/// distinct half-megabyte resource ids (or 60 KiB of tool arguments) would
+/// otherwise hold gigabytes.
+fn weight(input: &DecisionInput) -> u32 {
+    let context = &input.context;
+    let held = input.route.resource.id.len()
+        + context.arguments.as_deref().map_or(0, str::len)
+        + context.delegation.as_deref().map_or(0, |d| {
+            d.subject.len() + d.actors.iter().map(|a| a.as_str().len()).sum::<usize>()
+        });
+    u32::try_from(1 + held / ENTRY_BYTES).unwrap_or(u32::MAX)
+}
+
+/// Reads [`Cached::weight`], worked out once when the entry was made.
+#[derive(Clone, Default)]
+struct ByKeyBytes;
+
+impl quick_cache::Weighter<DecisionInput, Cached> for ByKeyBytes {
+    fn weight(&self, _: &DecisionInput, cached: &Cached) -> u64 {
+        u64::from(cached.weight)
+    }
 }
 
 /// Keys recently evicted that the cache remembers (CLOCK-PRO's ghosts),
@@ -632,8 +664,10 @@ struct Cached {
 /// keys evicted most recently, at a fifth of that cost.
 const GHOST_SHARE: f64 = 0.1;
 
-/// A cache of at most `max_entries` decisions.
-fn bounded_cache(max_entries: usize) -> quick_cache::sync::Cache<DecisionInput, Cached> {
+/// A cache of at most `max_entries` decisions (weighed by [`weight`]).
+fn bounded_cache(
+    max_entries: usize,
+) -> quick_cache::sync::Cache<DecisionInput, Cached, ByKeyBytes> {
     let options = quick_cache::OptionsBuilder::new()
         .estimated_items_capacity(max_entries)
         .weight_capacity(max_entries as u64)
@@ -642,7 +676,7 @@ fn bounded_cache(max_entries: usize) -> quick_cache::sync::Cache<DecisionInput, 
         .expect("both capacities are set");
     quick_cache::sync::Cache::with_options(
         options,
-        Default::default(),
+        ByKeyBytes,
         Default::default(),
         Default::default(),
     )
@@ -686,14 +720,15 @@ impl DecisionCache {
             GuardResult::Value(_) => {
                 // Expired: decided afresh, replaced.
                 let decision = self.intern(evaluate(snapshot, &input));
-                self.cache.insert(input, self.entry(&decision, now));
+                let entry = self.entry(&decision, &input, now);
+                self.cache.insert(input, entry);
                 decision
             }
             GuardResult::Guard(placeholder) => {
                 let decision = self.intern(evaluate(snapshot, &input));
                 // Refused only if the entry was replaced meanwhile: the
                 // decision stands either way.
-                let _ = placeholder.insert(self.entry(&decision, now));
+                let _ = placeholder.insert(self.entry(&decision, &input, now));
                 decision
             }
             // Without a timeout the wait never times out; were it to, the
@@ -704,10 +739,11 @@ impl DecisionCache {
         (fresh, false)
     }
 
-    fn entry(&self, decision: &Arc<Decision>, now_ms: u64) -> Cached {
+    fn entry(&self, decision: &Arc<Decision>, input: &DecisionInput, now_ms: u64) -> Cached {
         Cached {
             decision: decision.clone(),
             expires_ms: now_ms.saturating_add(self.ttl.as_millis() as u64),
+            weight: weight(input),
         }
     }
 

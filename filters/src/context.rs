@@ -173,6 +173,10 @@ pub struct RequestCtx {
     pub denial: Option<Denial>,
     /// The stage that refused.
     pub denied_by: Option<&'static str>,
+    /// Every stage let the request through and an upstream was chosen:
+    /// it is being forwarded. What fails after this (the upstream, the
+    /// client going away) does not make it a denial.
+    pub allowed: bool,
 }
 
 impl RequestCtx {
@@ -197,6 +201,7 @@ impl RequestCtx {
             cache_hit: None,
             denial: None,
             denied_by: None,
+            allowed: false,
         }
     }
 }

@@ -116,6 +116,10 @@ impl McpCall {
                     "`params.arguments` is nested too deeply",
                 ));
             }
+            // Policy reads the arguments too: `{"repo": "public", "Repo":
+            // "private"}` must not be one repository to Cedar and another
+            // to a server that matches names ignoring case.
+            no_keys_alike_within(&arguments, "`params.arguments`")?;
             call.tool = Some(name.to_string());
             call.arguments = Some(arguments.to_string().into());
         }
@@ -200,6 +204,18 @@ impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys {
     }
 }
 
+/// [`no_keys_alike`] for every object in `v`, however deep.
+fn no_keys_alike_within(v: &Value, what: &str) -> Result<(), Denial> {
+    match v {
+        Value::Array(a) => a.iter().try_for_each(|v| no_keys_alike_within(v, what)),
+        Value::Object(o) => {
+            no_keys_alike(o, what)?;
+            o.values().try_for_each(|v| no_keys_alike_within(v, what))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn depth(v: &Value) -> usize {
     match v {
         Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
@@ -266,8 +282,12 @@ pub fn error_body(call: Option<&McpCall>, denial: &Denial, request_id: &str) -> 
 
 /// Keeps only the tools `visible` allows in a `tools/list` response.
 pub fn filter_tools(body: &[u8], visible: impl Fn(&str) -> bool) -> Result<Vec<u8>, String> {
-    let mut value: Value = serde_json::from_slice(body)
+    let value = serde_json::from_slice(body)
         .map_err(|e| format!("tools/list response is not JSON: {e}"))?;
+    filter_tools_value(value, visible)
+}
+
+fn filter_tools_value(mut value: Value, visible: impl Fn(&str) -> bool) -> Result<Vec<u8>, String> {
     // Two shapes only: a result with its list of tools, or an error. Any
     // other (a batch, a result without `tools`) could hold tools this
     // filter would not see, and is refused rather than passed on.
@@ -283,6 +303,132 @@ pub fn filter_tools(body: &[u8], visible: impl Fn(&str) -> bool) -> Result<Vec<u
     };
     tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(&visible));
     serde_json::to_vec(&value).map_err(|e| e.to_string())
+}
+
+/// Filters a `tools/list` answer sent as Server-Sent Events (the default
+/// of the TypeScript SDK and FastMCP), one event at a time as the stream
+/// arrives: `stream` is what has arrived and not yet been consumed;
+/// returns the complete events among it, rewritten, and how many bytes
+/// they took (the caller keeps the rest for the next call).
+///
+/// Every event is written out again from the fields Tether read, never
+/// copied, so what the agent's client dispatches is what was decided on:
+/// `data` lines are joined and parsed as JSON; a server request or
+/// notification (an object with a `method`, no `result` or `error`) goes
+/// through as it was; anything else must be what [`filter_tools`] accepts
+/// and is filtered, or is replaced by `refused(why)`. Comments, `event`,
+/// `id` and `retry` are kept; unknown fields (a client ignores them, but
+/// a leading byte-order mark turns `data` into one) are dropped. At the
+/// end, an event without its closing blank line is dropped, as a client
+/// drops it.
+pub fn filter_tool_events(
+    stream: &[u8],
+    at_end: bool,
+    visible: impl Fn(&str) -> bool,
+    refused: impl Fn(String) -> Vec<u8>,
+) -> (Vec<u8>, usize) {
+    let mut out = Vec::new();
+    let mut consumed = 0;
+    // Lines are only found until the event is complete: an event arriving
+    // in many chunks is scanned again each time, but not copied.
+    let mut lines = Vec::new();
+    let mut at = 0;
+    while let Some((line, next)) = sse_line(stream, at, at_end) {
+        at = next;
+        if !line.is_empty() {
+            lines.push(line);
+            continue;
+        }
+        let mut event = SseEvent::default();
+        lines.drain(..).for_each(|line| event.field(line));
+        event.write(&mut out, &visible, &refused);
+        consumed = at;
+    }
+    if at_end {
+        consumed = stream.len();
+    }
+    (out, consumed)
+}
+
+/// The line starting at `at` and where the next one starts, if its end
+/// has arrived. A line ends at CRLF, LF or a lone CR, so a CR that is the
+/// last byte so far is not an end until the next byte (or the stream's
+/// end) says which.
+fn sse_line(stream: &[u8], at: usize, at_end: bool) -> Option<(&[u8], usize)> {
+    let rest = stream.get(at..)?;
+    let end = rest.iter().position(|&b| b == b'\n' || b == b'\r')?;
+    let next = match (rest[end], rest.get(end + 1)) {
+        (b'\r', Some(b'\n')) => end + 2,
+        (b'\r', None) if !at_end => return None,
+        _ => end + 1,
+    };
+    Some((&rest[..end], at + next))
+}
+
+/// One Server-Sent Event's fields, as a client would read them.
+#[derive(Default)]
+struct SseEvent<'a> {
+    /// Comments, `event`, `id` and `retry` lines, in order, as they came.
+    kept: Vec<&'a [u8]>,
+    /// The `data` lines' values, joined by `\n` as a client joins them.
+    data: Option<Vec<u8>>,
+}
+
+impl<'a> SseEvent<'a> {
+    fn field(&mut self, line: &'a [u8]) {
+        if line[0] == b':' {
+            self.kept.push(line);
+            return;
+        }
+        let (name, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => (line, &[][..]),
+        };
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        match name {
+            b"data" => match &mut self.data {
+                Some(data) => {
+                    data.push(b'\n');
+                    data.extend_from_slice(value);
+                }
+                None => self.data = Some(value.to_vec()),
+            },
+            b"event" | b"id" | b"retry" => self.kept.push(line),
+            _ => {}
+        }
+    }
+
+    fn write(
+        &self,
+        out: &mut Vec<u8>,
+        visible: &impl Fn(&str) -> bool,
+        refused: &impl Fn(String) -> Vec<u8>,
+    ) {
+        for line in &self.kept {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        // An event with no data (or empty data) is not dispatched.
+        if let Some(data) = self.data.as_deref().filter(|d| !d.is_empty()) {
+            let message = match serde_json::from_slice::<Value>(data) {
+                Ok(v) if is_server_call(&v) => serde_json::to_vec(&v).map_err(|e| e.to_string()),
+                Ok(v) => filter_tools_value(v, visible),
+                Err(e) => Err(format!("tools/list event is not JSON: {e}")),
+            };
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&message.unwrap_or_else(refused));
+            out.push(b'\n');
+        }
+        out.push(b'\n');
+    }
+}
+
+/// A request or notification from the server to the client: it answers
+/// nothing, so holds no list of tools.
+fn is_server_call(message: &Value) -> bool {
+    message.get("method").is_some_and(Value::is_string)
+        && message.get("result").is_none()
+        && message.get("error").is_none()
 }
 
 /// Whether a `tools/list` response should show `tool` to the caller: it
@@ -424,6 +570,14 @@ mod tests {
                 "spelled alike",
             ),
             (
+                br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"repo":"public","Repo":"private"}}}"#,
+                "spelled alike",
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"a":[{"b":1,"B":2}]}}}"#,
+                "spelled alike",
+            ),
+            (
                 br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call"}"#,
                 "appears twice",
             ),
@@ -491,6 +645,91 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    /// Feeds `stream` to [`filter_tool_events`] cut at `cuts`, as chunks
+    /// arrive, keeping what each call leaves for the next.
+    fn filter_events_in_chunks(stream: &[u8], cuts: &[usize]) -> String {
+        let mut held = Vec::new();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain([&stream.len()]) {
+            held.extend_from_slice(&stream[from..to]);
+            from = to;
+            let at_end = to == stream.len();
+            let (events, used) =
+                filter_tool_events(&held, at_end, |name| name == "b", |why| why.into_bytes());
+            out.extend_from_slice(&events);
+            held.drain(..used);
+        }
+        assert!(held.is_empty());
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn a_tools_list_event_stream_is_filtered_wherever_its_chunks_end() {
+        // A notification first, the answer's JSON over two data lines,
+        // CRLF, lone-CR and LF line ends, a comment, an unknown field.
+        let stream = concat!(
+            ": keep-alive\r\n",
+            "event: message\r\n",
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\r\n\r\n",
+            "id: 7\r",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":1,\r",
+            "data: \"result\":{\"tools\":[{\"name\":\"a\"},{\"name\":\"b\"}]}}\r",
+            "mystery: data\r\r",
+            "retry: 10\n\n",
+        )
+        .as_bytes();
+        let expected = concat!(
+            ": keep-alive\n",
+            "event: message\n",
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n",
+            "id: 7\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"b\"}]}}\n\n",
+            "retry: 10\n\n",
+        );
+        assert_eq!(filter_events_in_chunks(stream, &[]), expected);
+        for cut in 1..stream.len() {
+            assert_eq!(
+                filter_events_in_chunks(stream, &[cut]),
+                expected,
+                "cut at {cut}"
+            );
+        }
+        let every_byte: Vec<usize> = (1..stream.len()).collect();
+        assert_eq!(filter_events_in_chunks(stream, &every_byte), expected);
+    }
+
+    #[test]
+    fn an_event_tether_cannot_filter_is_replaced_and_an_unfinished_one_dropped() {
+        for (stream, expected) in [
+            // A batch could hold a list this filter would not see.
+            (
+                "data: [{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"a\"}]}}]\n\n",
+                "data: tools/list response has no `result.tools` list and is no error\n\n",
+            ),
+            ("data: {\"tools\":\n\n", "data: tools/list event is not JSON"),
+            // A byte-order mark makes the field a client's `data`, not ours.
+            (
+                "\u{feff}data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"a\"}]}}\n\n",
+                "\n",
+            ),
+            // No closing blank line: a client never dispatches it.
+            (
+                "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"a\"}]}}\n",
+                "",
+            ),
+            // An error answer and an empty event pass.
+            (
+                "data: {\"error\":{\"code\":1},\"id\":1}\n\ndata:\n\n",
+                "data: {\"error\":{\"code\":1},\"id\":1}\n\n\n",
+            ),
+        ] {
+            let out = filter_events_in_chunks(stream.as_bytes(), &[]);
+            assert!(out.starts_with(expected), "{stream:?} gave {out:?}");
+            assert!(!out.contains("\"a\""), "{out}");
         }
     }
 }

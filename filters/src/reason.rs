@@ -64,7 +64,10 @@ pub enum Reason {
     PolicyError,
     /// The upstream could not be reached or failed mid-response.
     UpstreamError,
-    /// Tether itself failed; the request was not forwarded.
+    /// The client went away (closed, or stopped reading or sending)
+    /// before its response was complete.
+    ClientClosed,
+    /// Tether itself failed.
     Internal,
     /// The request was cut short before it finished: Tether shut down
     /// while it was in flight.
@@ -73,7 +76,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 30] = [
         Reason::Allowed,
         Reason::BadPath,
         Reason::BadRequest,
@@ -101,6 +104,7 @@ impl Reason {
         Reason::PolicyDenied,
         Reason::PolicyError,
         Reason::UpstreamError,
+        Reason::ClientClosed,
         Reason::Internal,
         Reason::Aborted,
     ];
@@ -135,6 +139,7 @@ impl Reason {
             Reason::PolicyDenied => "policy_denied",
             Reason::PolicyError => "policy_error",
             Reason::UpstreamError => "upstream_error",
+            Reason::ClientClosed => "client_closed",
             Reason::Internal => "internal",
             Reason::Aborted => "aborted",
         }
@@ -172,6 +177,8 @@ impl Reason {
             | Reason::PolicyDenied
             | Reason::PolicyError => 403,
             Reason::UpstreamError => 502,
+            // nginx's code for it: no one reads the answer.
+            Reason::ClientClosed => 499,
             Reason::Internal => 500,
             Reason::Aborted => 503,
         }
@@ -208,6 +215,7 @@ impl Reason {
             Reason::NoRoute | Reason::PolicyDenied => "the request is not permitted",
             Reason::PolicyError => "the request could not be authorized",
             Reason::UpstreamError => "the upstream service failed",
+            Reason::ClientClosed => "the client closed the connection",
             Reason::Internal => "internal error",
             Reason::Aborted => "the request was cut short: the proxy shut down",
         }
@@ -216,6 +224,20 @@ impl Reason {
     /// Whether the request was let through.
     pub fn is_allowed(self) -> bool {
         self == Reason::Allowed
+    }
+
+    /// Whether a request every stage allowed can still end with this
+    /// reason: it failed on the way to or from the upstream, or was cut
+    /// short. Its record says `allow`, with this reason.
+    pub fn can_follow_allow(self) -> bool {
+        matches!(
+            self,
+            Reason::Allowed
+                | Reason::UpstreamError
+                | Reason::ClientClosed
+                | Reason::Internal
+                | Reason::Aborted
+        )
     }
 }
 

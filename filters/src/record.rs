@@ -41,7 +41,9 @@ type AddressText = ArrayString<45>;
 pub struct Metrics {
     /// The registry `/metrics` serves.
     pub registry: Registry,
-    requests: Vec<IntCounter>,
+    /// Per reason, its series (`allow` for `allowed`, else `deny`) and,
+    /// for a failure that can follow an allow, the `allow` series of it.
+    requests: Vec<(IntCounter, Option<IntCounter>)>,
     request_duration: Histogram,
     /// Decisions answered from the cache.
     pub cache_hits: IntCounter,
@@ -82,11 +84,18 @@ impl Metrics {
             &["decision", "reason"],
         )?;
         registry.register(Box::new(requests_vec.clone()))?;
-        // One handle per reason, resolved now: no label lookup per request,
-        // and every series exists from the start (at zero).
+        // One handle per reason and decision, resolved now: no label
+        // lookup per request, and every series exists from the start (at
+        // zero). Only reasons that can follow an allow have an allow series.
         let requests = Reason::ALL
             .iter()
-            .map(|r| requests_vec.with_label_values(&[decision_label(*r), r.code()]))
+            .map(|r| {
+                let series = |allowed| {
+                    requests_vec.with_label_values(&[decision_label(*r, allowed), r.code()])
+                };
+                let after_allow = (!r.is_allowed() && r.can_follow_allow()).then(|| series(true));
+                (series(false), after_allow)
+            })
             .collect();
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::new(name, help)?;
@@ -171,24 +180,34 @@ impl Metrics {
     }
 
     /// Counts one finished request.
-    pub fn observe(&self, reason: Reason, elapsed: Duration) {
+    /// Counts a finished request: its `reason`, and whether every stage
+    /// `allowed` it ([`RequestCtx::allowed`]).
+    pub fn observe(&self, reason: Reason, allowed: bool, elapsed: Duration) {
         if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
-            self.requests[i].inc();
+            match &self.requests[i] {
+                (_, Some(after_allow)) if allowed => after_allow.inc(),
+                (series, _) => series.inc(),
+            }
         }
         self.request_duration.observe(elapsed.as_secs_f64());
     }
 
-    /// The count of requests with `reason` so far.
+    /// The count of requests with `reason` so far, allowed or not.
     pub fn requests(&self, reason: Reason) -> u64 {
         Reason::ALL
             .iter()
             .position(|r| *r == reason)
-            .map_or(0, |i| self.requests[i].get())
+            .map_or(0, |i| {
+                let (series, after_allow) = &self.requests[i];
+                series.get() + after_allow.as_ref().map_or(0, IntCounter::get)
+            })
     }
 }
 
-fn decision_label(reason: Reason) -> &'static str {
-    if reason.is_allowed() {
+/// `allow` for a request every stage let through, even if it then failed
+/// upstream or the client went away (the reason says so); else `deny`.
+fn decision_label(reason: Reason, allowed: bool) -> &'static str {
+    if reason.is_allowed() || (allowed && reason.can_follow_allow()) {
         "allow"
     } else {
         "deny"
@@ -246,6 +265,10 @@ pub struct AuditRecord<'a> {
     /// The tool called, on MCP routes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool: Option<&'a str>,
+    /// The upstream chosen for it (its `name`, else its address), once
+    /// every stage allowed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<&'a str>,
     /// The policies that determined the decision.
     pub policies: &'a [String],
     /// Whether the decision came from the cache.
@@ -296,7 +319,7 @@ impl<'a> AuditRecord<'a> {
             time: rfc3339(started),
             request_id: ctx.request_id.text(),
             trace_id,
-            decision: decision_label(reason),
+            decision: decision_label(reason, ctx.allowed),
             reason: reason.code(),
             stage: ctx.denied_by,
             detail: ctx.denial.as_ref().map(|d| d.detail.as_ref()),
@@ -313,6 +336,7 @@ impl<'a> AuditRecord<'a> {
             resource: matched.and_then(|(m, r)| r.resource_text(m)),
             mcp_method: ctx.mcp.as_ref().map(|m| m.method.as_str()),
             tool: ctx.mcp.as_ref().and_then(|m| m.tool.as_deref()),
+            upstream: None,
             policies: ctx.decision.as_deref().map_or(&[], |d| &d.policies),
             cached: ctx.cache_hit,
             shadow: ctx
@@ -711,16 +735,31 @@ mod tests {
     #[test]
     fn metrics_count_by_reason() {
         let m = Metrics::new().expect("metrics");
-        m.observe(Reason::Allowed, Duration::from_micros(50));
-        m.observe(Reason::PolicyDenied, Duration::from_micros(50));
-        m.observe(Reason::PolicyDenied, Duration::from_micros(50));
+        let us = Duration::from_micros(50);
+        m.observe(Reason::Allowed, true, us);
+        m.observe(Reason::PolicyDenied, false, us);
+        m.observe(Reason::PolicyDenied, false, us);
+        // Forwarded, then the upstream failed; and failed before a decision.
+        m.observe(Reason::UpstreamError, true, us);
+        m.observe(Reason::Internal, false, us);
         assert_eq!(m.requests(Reason::Allowed), 1);
         assert_eq!(m.requests(Reason::PolicyDenied), 2);
+        assert_eq!(m.requests(Reason::UpstreamError), 1);
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&m.registry.gather())
             .expect("encode");
-        assert!(
-            text.contains("tether_requests_total{decision=\"deny\",reason=\"policy_denied\"} 2")
-        );
+        for series in [
+            r#"{decision="allow",reason="allowed"} 1"#,
+            r#"{decision="deny",reason="policy_denied"} 2"#,
+            r#"{decision="allow",reason="upstream_error"} 1"#,
+            r#"{decision="deny",reason="upstream_error"} 0"#,
+            r#"{decision="deny",reason="internal"} 1"#,
+        ] {
+            assert!(
+                text.contains(&format!("tether_requests_total{series}")),
+                "{series}: {text}"
+            );
+        }
+        assert!(!text.contains(r#"decision="allow",reason="policy_denied""#));
     }
 }

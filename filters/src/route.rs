@@ -61,6 +61,8 @@ pub fn request_host(req: &RequestHeader) -> Option<SmolStr> {
         Some(v6) => v6.split(']').next().unwrap_or(v6),
         None => raw.rsplit_once(':').map_or(raw, |(h, _)| h),
     };
+    // `api.example.org.` is the same name, fully qualified.
+    let host = host.strip_suffix('.').unwrap_or(host);
     Some(host.to_ascii_lowercase_smolstr())
 }
 
@@ -222,11 +224,24 @@ impl RouteTable {
     /// the normalized `path`. A route with hosts never matches a request
     /// without one.
     pub fn find_on(&self, host: Option<&str>, method: &str, path: &str) -> Option<RouteMatch> {
-        // Templates rarely have more than a few parameters.
+        // Segments are matched decoded, as servers route: `documents%3Apurge`
+        // must take the `documents:purge` route, not fall through to a
+        // later `{collection}` one. A segment that is not text matches no
+        // route. Paths rarely have more than a few segments.
+        let mut segments: SmallVec<[Option<Cow<'_, str>>; 8]> = SmallVec::new();
+        segments.extend(
+            path.strip_prefix('/')
+                .unwrap_or(path)
+                .split('/')
+                .map(crate::sanitize::segment_value),
+        );
         let mut params: SmallVec<[&str; 8]> = SmallVec::new();
         'routes: for (index, route) in self.routes.iter().enumerate() {
             if let Some(methods) = &route.methods {
-                if !methods.iter().any(|m| m == method) {
+                // Servers answer HEAD with their GET handler: a HEAD that
+                // skipped the GET route could land on a later, looser one.
+                let head_as_get = method == "HEAD" && methods.iter().any(|m| m == "GET");
+                if !head_as_get && !methods.iter().any(|m| m == method) {
                     continue;
                 }
             }
@@ -235,33 +250,28 @@ impl RouteTable {
                     continue;
                 }
             }
+            if route.segments.len() != segments.len() {
+                continue;
+            }
             params.clear();
-            let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
-            for segment in &route.segments {
-                let Some(part) = parts.next() else {
+            for (segment, value) in route.segments.iter().zip(&segments) {
+                let Some(value) = value.as_deref() else {
                     continue 'routes;
                 };
                 match segment {
-                    Segment::Literal(lit) if lit == part => {}
+                    Segment::Literal(lit) if lit == value => {}
                     Segment::Literal(_) => continue 'routes,
-                    Segment::Param(kind) if !kind.accepts(part) => continue 'routes,
-                    Segment::Param(_) => params.push(part),
+                    Segment::Param(kind) if !kind.accepts(value) => continue 'routes,
+                    Segment::Param(_) => params.push(value),
                 }
-            }
-            if parts.next().is_some() {
-                continue;
             }
             let mut resource_id = SmolStrBuilder::new();
             for part in &route.resource_id {
                 match part {
                     IdPart::Literal(s) => resource_id.push_str(s),
                     // Decoded, as the upstream decodes it: `%40` and `@`
-                    // name one resource. A value that is not text matches
-                    // no route.
-                    IdPart::Param(i) => match crate::sanitize::segment_value(params[*i]) {
-                        Some(value) => resource_id.push_str(&value),
-                        None => continue 'routes,
-                    },
+                    // name one resource.
+                    IdPart::Param(i) => resource_id.push_str(params[*i]),
                 }
             }
             return Some(RouteMatch {
@@ -468,6 +478,14 @@ mod tests {
             ("GET", "/v1/users%40acme", Some((3, "item-users@acme"))),
             ("GET", "/v1/caf%C3%A9", Some((3, "item-café"))),
             ("GET", "/v1/%FF", None),
+            // Literals too: this is the admin route, not an item.
+            ("GET", "/v1/adm%69n", Some((2, "admin"))),
+            // HEAD is decided as the GET the server will run.
+            (
+                "HEAD",
+                "/v1/repos/acme/tether/issues",
+                Some((0, "acme/tether")),
+            ),
             ("GET", "/v1/", None),
             ("GET", "/", None),
         ] {
@@ -516,6 +534,10 @@ mod tests {
         assert_eq!(request_host(&req).as_deref(), Some("api.example.org"));
         req.insert_header("host", "[::1]:8443").expect("header");
         assert_eq!(request_host(&req).as_deref(), Some("::1"));
+        // Fully qualified, the same name.
+        req.insert_header("host", "api.example.org.:8443")
+            .expect("header");
+        assert_eq!(request_host(&req).as_deref(), Some("api.example.org"));
     }
 
     #[test]

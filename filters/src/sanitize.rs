@@ -11,10 +11,37 @@ use smol_str::SmolStr;
 
 use crate::{Denial, Filter, Reason, RequestCtx};
 
-/// Headers that carry identity between proxies. Only Tether may set them.
-const SPOOFABLE: &[&str] = &["x-forwarded-client-cert"];
-/// Every header with this prefix is Tether's to set.
-const TETHER_PREFIX: &str = "x-tether-";
+/// Headers a proxy in front of an API sets, so that the API trusts them:
+/// who the client is (`x-forwarded-client-cert`, `x-forwarded-for`,
+/// `remote-user`, ...), or which method and path it really asked for
+/// (`x-http-method-override`, `x-original-url`), which would let a request
+/// be decided as one action and served as another. Coming from a caller
+/// they are lies; only Tether may speak for what it verified. Matched with
+/// `_` for `-` too (`x_forwarded_for`), which CGI-style servers read as the
+/// same header.
+const SPOOFABLE: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "remote-user",
+    "x-remote-user",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+];
+/// Every header with one of these prefixes is spoofable: Tether's own
+/// (`x-tether-*`), forwarding (`x-forwarded-*`), auth proxies'
+/// (`x-auth-request-*`).
+const SPOOFABLE_PREFIXES: &[&str] = &["x-tether-", "x-forwarded-", "x-auth-request-"];
+
+/// The longest request target (path and query) accepted, as nginx's
+/// default buffers take it.
+pub const MAX_TARGET: usize = 8192;
 
 /// Strips spoofable headers and normalizes the path.
 pub struct Sanitize;
@@ -35,6 +62,14 @@ impl Filter for Sanitize {
             ));
         }
         strip_identity_headers(req);
+        if req.raw_path().len() > MAX_TARGET {
+            // Each request's target is in its audit line and span: a huge
+            // one would crowd other agents' records out of the queues.
+            return Err(Denial::new(
+                Reason::BadPath,
+                format!("request target over {MAX_TARGET} bytes"),
+            ));
+        }
         // Decide on the target as it came off the wire: pingora keeps a
         // non-origin-form target verbatim and forwards it so, whatever
         // `uri` says.
@@ -103,26 +138,31 @@ fn is_target(raw: &[u8], path: &str, query: Option<&str>) -> bool {
 /// the trace context of its span.
 const TRACE_CONTEXT: &[&str] = &["traceparent", "tracestate"];
 
-/// Whether `name` (lower case) is Tether's to set, or a spelling of one
-/// with `_` for `-` (`x_tether_agent`), which CGI-style servers read as
-/// the same header.
-fn is_tethers(name: &str) -> bool {
-    let prefix = TETHER_PREFIX.as_bytes();
-    let spelled_alike = name.len() >= prefix.len()
-        && name
-            .bytes()
-            .zip(prefix)
-            .all(|(b, &p)| b == p || (b == b'_' && p == b'-'));
-    spelled_alike || SPOOFABLE.contains(&name)
+/// Whether `name` (lower case) is [`SPOOFABLE`], or a spelling of one with
+/// `_` for `-` (`x_tether_agent`).
+fn is_spoofable(name: &str) -> bool {
+    // Nearly every header a request carries fails on its first byte.
+    if !matches!(name.as_bytes().first(), Some(b'x' | b'f' | b'r' | b't')) {
+        return false;
+    }
+    let alike = |reserved: &str| {
+        name.bytes()
+            .zip(reserved.bytes())
+            .all(|(b, r)| b == r || (b == b'_' && r == b'-'))
+    };
+    SPOOFABLE_PREFIXES
+        .iter()
+        .any(|p| name.len() >= p.len() && alike(p))
+        || SPOOFABLE.iter().any(|h| name.len() == h.len() && alike(h))
 }
 
-/// Removes `x-forwarded-client-cert` and every `x-tether-*` header, and
-/// keeps `Connection` from naming a header Tether sets.
+/// Removes every [`SPOOFABLE`] header, and keeps `Connection` from naming
+/// a header Tether sets.
 pub fn strip_identity_headers(req: &mut RequestHeader) {
     let doomed: Vec<_> = req
         .headers
         .keys()
-        .filter(|name| is_tethers(name.as_str())) // stored lower case
+        .filter(|name| is_spoofable(name.as_str())) // stored lower case
         .cloned()
         .collect();
     for name in doomed {
@@ -141,7 +181,7 @@ pub fn strip_identity_headers(req: &mut RequestHeader) {
 fn drop_tethers_from_connection(req: &mut RequestHeader) {
     let names_tethers = |token: &str| {
         let token = token.trim().to_ascii_lowercase();
-        is_tethers(&token) || TRACE_CONTEXT.contains(&token.as_str())
+        is_spoofable(&token) || TRACE_CONTEXT.contains(&token.as_str())
     };
     let values: Vec<http::HeaderValue> = req
         .headers
@@ -412,6 +452,17 @@ mod tests {
     }
 
     #[test]
+    fn a_target_over_the_limit_is_refused() {
+        let fits = format!("/v1/{}", "a".repeat(MAX_TARGET - 4));
+        let over = format!("{fits}b");
+        for (target, passes) in [(fits, true), (over, false)] {
+            let mut req = RequestHeader::build("GET", target.as_bytes(), None).expect("request");
+            let result = Sanitize.apply(&mut req, &mut testing::ctx());
+            assert_eq!(result.is_ok(), passes, "{} bytes", target.len());
+        }
+    }
+
+    #[test]
     fn spoofable_headers_are_stripped_and_the_path_rewritten() {
         let mut req =
             RequestHeader::build("GET", b"/v1/public/%2e%2e/admin?x=1", None).expect("request");
@@ -421,9 +472,21 @@ mod tests {
             "X_Tether_Agent",
             "x-tether_owner",
             "X-Forwarded-Client-Cert",
+            "X-Forwarded-For",
+            "x_forwarded_host",
+            "Forwarded",
+            "X-Real-IP",
+            "Remote-User",
+            "X-Auth-Request-Email",
+            "X-HTTP-Method-Override",
+            "X-Original-URL",
         ] {
             req.insert_header(name, "spoofed").expect("header");
         }
+        req.insert_header("x-forwarded", "kept: not the prefix")
+            .expect("header");
+        req.insert_header("forwarded-for", "kept: not the header")
+            .expect("header");
         req.insert_header("x-keep", "yes").expect("header");
         req.insert_header("x_tether", "kept: not the prefix")
             .expect("header");
@@ -437,10 +500,20 @@ mod tests {
             "x_tether_agent",
             "x-tether_owner",
             "x-forwarded-client-cert",
+            "x-forwarded-for",
+            "x_forwarded_host",
+            "forwarded",
+            "x-real-ip",
+            "remote-user",
+            "x-auth-request-email",
+            "x-http-method-override",
+            "x-original-url",
         ] {
             assert!(req.headers.get(gone).is_none(), "{gone}");
         }
         assert!(req.headers.get("x_tether").is_some());
+        assert!(req.headers.get("x-forwarded").is_some());
+        assert!(req.headers.get("forwarded-for").is_some());
         assert_eq!(
             req.headers.get("x-keep").map(|v| v.as_bytes()),
             Some(&b"yes"[..])

@@ -68,6 +68,33 @@ fn default_max_entries() -> usize {
 /// config's defaults); returns the bytes the cache holds afterwards per
 /// decision it holds, and how many it holds.
 fn bytes_per_cached_decision(requests: usize) -> (usize, usize) {
+    let (held, held_decisions) = bytes_held(requests, "acme-platform-repo-");
+    let per_decision = held / held_decisions;
+    println!("{per_decision} bytes per cached decision ({held} for {held_decisions} after {requests} requests)");
+    (per_decision, held_decisions)
+}
+
+/// A cache that fills with decisions on long resource ids holds as many
+/// bytes as one of ordinary decisions at most, give or take an entry's
+/// worth of id each: its bound is in bytes, not only in entries.
+#[test]
+fn decisions_on_long_resource_ids_are_bounded_in_bytes_too() {
+    // Four thousand bytes a repository name, and enough of them to take
+    // 80 MB were each to count as one entry.
+    let name = "r".repeat(4000);
+    let (held, held_decisions) = bytes_held(20_000, &name);
+    let bound = default_max_entries() * (BUDGET_PER_DECISION + 256);
+    println!("{held} bytes held for {held_decisions} decisions on 4,000-byte ids");
+    assert!(held <= bound, "{held} bytes held, over {bound}");
+    assert!(
+        held_decisions > 1000,
+        "{held_decisions} held: still a cache"
+    );
+}
+
+/// [`bytes_per_cached_decision`]'s measurement, for repositories named
+/// `{prefix}{n:06}`: the bytes the cache holds and the decisions.
+fn bytes_held(requests: usize, prefix: &str) -> (usize, usize) {
     // The allocator's counts are process-wide: one measurement at a time.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -79,8 +106,7 @@ fn bytes_per_cached_decision(requests: usize) -> (usize, usize) {
         // Requests as the proxy sees them, named as long as real
         // repositories are; what a request allocates and frees nets out,
         // what the cache keeps remains.
-        let (mut req, mut ctx) =
-            world.request_to(&format!("/v1/repos/acme-platform-repo-{n:06}/issues"));
+        let (mut req, mut ctx) = world.request_to(&format!("/v1/repos/{prefix}{n:06}/issues"));
         stages
             .run(&mut req, &mut ctx)
             .expect("the stages before authorize pass");
@@ -92,7 +118,5 @@ fn bytes_per_cached_decision(requests: usize) -> (usize, usize) {
     let change = region.change();
     // Reallocations are already counted in both totals.
     let held = change.bytes_allocated as isize - change.bytes_deallocated as isize;
-    let per_decision = held as usize / held_decisions;
-    println!("{per_decision} bytes per cached decision ({held} for {held_decisions} after {requests} requests)");
-    (per_decision, held_decisions)
+    (held as usize, held_decisions)
 }

@@ -61,6 +61,9 @@ pub struct App {
     bundle_expiry: Mutex<Vec<(String, i64)>>,
     /// Serializes reloads; what the watcher compares against.
     reload_state: Mutex<Watched>,
+    /// The upstreams' CA files as the process read them at start: only a
+    /// restart applies a change to them.
+    upstream_cas: u64,
     /// Requests begun and not yet recorded (see `proxy::Ctx`).
     pub in_flight: AtomicUsize,
 }
@@ -148,6 +151,7 @@ impl App {
             config_path: config_path.to_path_buf(),
             chain: chain(cache.clone(), &metrics, tokens.clone()),
             snapshot: ArcSwap::from_pointee(snapshot),
+            upstream_cas: upstream_cas(&config),
             reload_state: Mutex::new(Watched {
                 fingerprint: fingerprint(config_path, &config),
                 loaded: true,
@@ -264,7 +268,12 @@ impl App {
                     message: format!("{e:#}"),
                 }])
             };
-            let restart_only = restart_only_changes(&self.config, &config);
+            let mut restart_only = restart_only_changes(&self.config, &config);
+            if upstream_cas(&config) != self.upstream_cas {
+                // A CA dropped from the file (rotated, or compromised)
+                // must not stay trusted while the reload says it is done.
+                restart_only.push("upstreams' tls.ca files");
+            }
             if !restart_only.is_empty() {
                 // Applying the rest would leave these silently as they
                 // were: an issuer an operator removed still accepted, say.
@@ -435,6 +444,20 @@ fn fingerprint(config_path: &Path, config: &Config) -> u64 {
         if let Some(jwks) = &issuer.jwks.file {
             file(jwks);
         }
+    }
+    upstream_cas(config).hash(&mut h);
+    h.finish()
+}
+
+/// Hashes the contents of every upstream's `tls.ca` file.
+fn upstream_cas(config: &Config) -> u64 {
+    let mut h = DefaultHasher::new();
+    for ca in config
+        .all_upstreams()
+        .filter_map(|u| u.tls.as_ref()?.ca.as_ref())
+    {
+        ca.hash(&mut h);
+        std::fs::read(ca).ok().hash(&mut h);
     }
     h.finish()
 }

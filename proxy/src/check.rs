@@ -6,6 +6,32 @@ use std::path::Path;
 use tether_config::Config;
 use tether_filters::Snapshot;
 
+/// Whether `run` could append audit lines to `output`, found without
+/// creating anything: an existing file opens for appending, a new one's
+/// folder exists.
+fn audit_output_writable(output: &str) -> std::io::Result<()> {
+    if matches!(output, "stdout" | "stderr") {
+        return Ok(());
+    }
+    let path = Path::new(output);
+    if path.exists() {
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop);
+    }
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(folder) if !folder.is_dir() => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "`{output}`: its folder `{}` does not exist",
+                folder.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Validates the config and all it refers to. Prints every problem,
 /// located (errors to stderr, warnings and the summary to `out`), and
 /// returns whether there were none.
@@ -48,6 +74,15 @@ pub fn run(config_path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
     }
     if let Err(e) = crate::jwks::sources(&config.tokens) {
         return Ok(report(&format!("{}: {e:#}", config_path.display())));
+    }
+    if let Err(e) = crate::upstreams::Upstreams::new(&config) {
+        return Ok(report(&format!("{}: {e:#}", config_path.display())));
+    }
+    if let Err(e) = audit_output_writable(&config.audit.output) {
+        return Ok(report(&format!(
+            "{}: audit.output: {e}",
+            config_path.display()
+        )));
     }
     let admin_beyond_loopback = config
         .admin

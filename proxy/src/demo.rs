@@ -177,10 +177,16 @@ pub fn start_sandbox(
     // Free ports are picked, released, then bound by the child: another
     // process may take one in between. So a start that fails to bind, or
     // whose port answers from another process, is retried on new ports.
+    // A listener on all IPv6 addresses (dual-stack: IPv4 clients arrive
+    // as `::ffff:a.b.c.d`) stays one; any other is put on loopback.
+    let all_ipv6 = config.listener.address.starts_with("[::]:");
     let mut last_error = None;
     for _ in 0..5 {
         let (proxy, admin) = (free_port()?, free_port()?);
-        config.listener.address = proxy.to_string();
+        config.listener.address = match all_ipv6 {
+            true => format!("[::]:{}", proxy.port()),
+            false => proxy.to_string(),
+        };
         config.admin.address = admin.to_string();
         let config_path = write("tether.yaml", &config.to_yaml())?;
         let log = std::fs::File::create(dir.path().join("tether.log"))?;

@@ -95,6 +95,16 @@ fn json_rpc(
     serde_json::json!({"jsonrpc": "2.0", "id": call["id"], "result": result})
 }
 
+/// `answer` as MCP's Streamable HTTP sends it when the client prefers
+/// Server-Sent Events: after a notification, its JSON split over two
+/// `data` lines (a client joins them with a newline, so the split is after
+/// the first member, never inside a string).
+fn server_sent_events(answer: &str) -> String {
+    let (head, tail) = answer.split_at(answer.find(',').map_or(0, |i| i + 1));
+    let progress = r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progress":1}}"#;
+    format!("event: message\ndata: {progress}\n\nid: 1\ndata: {head}\ndata: {tail}\n\n")
+}
+
 /// Serves keep-alive requests on one connection until it closes; with a
 /// `client` (an mTLS connection), one request, answered with who the
 /// client was.
@@ -141,24 +151,34 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
         consumed += body_len;
         let request_body = &buf[head_end + 4..consumed];
+        let mut content_type = "application/json";
         let body = match serde_json::from_slice::<serde_json::Value>(request_body) {
-            Ok(call) if call.get("jsonrpc").is_some() => json_rpc(&call, &headers),
+            Ok(call) if call.get("jsonrpc").is_some() => {
+                let answer = json_rpc(&call, &headers).to_string();
+                let accept = headers.get("accept").and_then(|v| v.as_str());
+                if accept.is_some_and(|v| v.starts_with("text/event-stream")) {
+                    content_type = "text/event-stream";
+                    server_sent_events(&answer)
+                } else {
+                    answer
+                }
+            }
             _ => serde_json::json!({
                 "upstream": "echo",
                 "method": method,
                 "target": target,
                 "headers": headers,
                 "client": client,
-            }),
-        }
-        .to_string();
+            })
+            .to_string(),
+        };
         let close = if client.is_some() {
             "connection: close\r\n"
         } else {
             ""
         };
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{close}\r\n{body}",
+            "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{close}\r\n{body}",
             body.len()
         );
         buf.drain(..consumed);

@@ -32,6 +32,10 @@ pub struct Query {
     pub method: String,
     /// Request path (normalized as the proxy would).
     pub path: String,
+    /// The `Host` the request names: routes with `host:` match only with
+    /// one.
+    #[serde(default)]
+    pub host: Option<String>,
     /// The caller's address.
     #[serde(default)]
     pub source_ip: Option<IpAddr>,
@@ -106,6 +110,10 @@ impl Explainer {
         let id = SpiffeId::parse(&q.agent).map_err(anyhow::Error::msg)?;
         let mut req = RequestHeader::build(q.method.as_str(), q.path.as_bytes(), None)
             .with_context(|| format!("request `{} {}`", q.method, q.path))?;
+        if let Some(host) = &q.host {
+            req.insert_header(http::header::HOST, host)
+                .with_context(|| format!("host `{host}`"))?;
+        }
         let mut ctx = RequestCtx::new(self.snapshot.clone());
         if let Some(at) = &q.at {
             let t = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)

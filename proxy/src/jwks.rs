@@ -110,7 +110,17 @@ fn client(config: &JwksSource) -> anyhow::Result<reqwest::Client> {
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    // Plain http:// is allowed to loopback only, where no one is on the
+    // path: an `HTTP_PROXY` from the environment would put someone there.
+    if config
+        .url
+        .as_deref()
+        .is_some_and(|u| !u.to_ascii_lowercase().starts_with("https://"))
+    {
+        builder = builder.no_proxy();
+    }
+    builder
         .tls_backend_preconfigured(tls)
         .timeout(FETCH_TIMEOUT)
         .connect_timeout(FETCH_TIMEOUT)

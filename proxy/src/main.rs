@@ -48,6 +48,9 @@ enum Command {
         /// Request path.
         #[arg(long, required_unless_present = "cases")]
         path: Option<String>,
+        /// The `Host` the request names (routes with `host:` need one).
+        #[arg(long)]
+        host: Option<String>,
         /// The caller's IP address.
         #[arg(long)]
         source_ip: Option<std::net::IpAddr>,
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
             agent,
             method,
             path,
+            host,
             source_ip,
             at,
             body,
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
                 agent: agent.unwrap_or_default(),
                 method,
                 path: path.unwrap_or_default(),
+                host,
                 source_ip,
                 at,
                 body,

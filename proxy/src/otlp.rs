@@ -347,6 +347,7 @@ pub(crate) mod tests {
             resource: Some("Repo::\"tether\"".into()),
             mcp_method: None,
             tool: None,
+            upstream: Some("127.0.0.1:8080"),
             policies,
             cached: Some(true),
             shadow: None,

@@ -75,9 +75,15 @@ const KEY_REFETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 enum ToolsList {
     /// JSON arriving: held until complete (bounded), then filtered.
     Buffering(Held),
+    /// Server-Sent Events arriving: each event is held until complete
+    /// (bounded), then filtered and sent on.
+    Events(Held),
     /// Not something Tether can filter: replaced by an error, since an
     /// unfiltered list would show tools the agent may not call.
     Refuse,
+    /// An event stream that went wrong: its error event has been sent,
+    /// and the rest of the stream is dropped.
+    EventsRefused,
 }
 
 /// Most bytes of a `tools/list` response held for filtering.
@@ -110,6 +116,12 @@ impl Held {
         }
         self.0.extend_from_slice(chunk);
         true
+    }
+
+    /// Lets go of the first `n` bytes.
+    fn consume(&mut self, n: usize) {
+        self.0.drain(..n);
+        TOOLS_LIST_HELD.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
@@ -198,10 +210,13 @@ impl ProxyHttp for TetherProxy {
         ctx.method = Some(session.req_header().method.clone());
         // `started` was stamped by `new_ctx`, which pingora calls once the
         // request's head has been read.
+        // On a dual-stack listener an IPv4 client arrives as
+        // `::ffff:a.b.c.d`, which Cedar's `isInRange(ip("10.0.0.0/8"))`
+        // and `isLoopback()` would not recognize as the address it is.
         ctx.req.client_addr = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+            .map(|a| a.ip().to_canonical());
         // Egress: the pod's own SVID is the identity of whatever the agent
         // sends; ingress: the client's, from the handshake (an ingress
         // `workload` is only what Tether shows upstreams).
@@ -280,6 +295,7 @@ impl ProxyHttp for TetherProxy {
                 .req_header_mut()
                 .remove_header(&http::header::ACCEPT_ENCODING);
         }
+        ctx.req.allowed = true;
         Ok(false)
     }
 
@@ -313,17 +329,21 @@ impl ProxyHttp for TetherProxy {
                 .as_ref()
                 .is_some_and(|m| m.method == "tools/list")
         {
-            let json = resp
+            let media_type = resp
                 .headers
                 .get("content-type")
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.contains("json"));
-            ctx.tools_list = Some(if json && resp.status.is_success() {
-                ToolsList::Buffering(Held::default())
-            } else {
-                ToolsList::Refuse
+                .and_then(|v| v.split(';').next())
+                .map(|v| v.trim().to_ascii_lowercase())
+                .unwrap_or_default();
+            let json = media_type.contains("json");
+            let events = media_type == "text/event-stream";
+            ctx.tools_list = Some(match (json, events, resp.status.is_success()) {
+                (true, _, true) => ToolsList::Buffering(Held::default()),
+                (_, true, true) => ToolsList::Events(Held::default()),
+                _ => ToolsList::Refuse,
             });
-            if !json {
+            if !json && !events {
                 resp.set_status(502)?;
                 resp.insert_header("content-type", "application/json")?;
             }
@@ -347,31 +367,65 @@ impl ProxyHttp for TetherProxy {
         let Some(state) = &mut ctx.tools_list else {
             return Ok(None);
         };
-        if let (ToolsList::Buffering(held), Some(chunk)) = (&mut *state, body.take()) {
-            if !held.extend(&chunk) {
-                *state = ToolsList::Refuse;
+        // Nothing the upstream sent goes on as it came.
+        let chunk = body.take().unwrap_or_default();
+        let req = &ctx.req;
+        let visible = |tool: &str| mcp::tool_visible(&self.app.cache, req, tool);
+        let refused = |e: String| {
+            log::warn!("{e}: replaced by an error");
+            mcp::error_body(
+                req.mcp.as_ref(),
+                &Denial::new(Reason::UpstreamError, e),
+                &req.request_id.text(),
+            )
+        };
+        match state {
+            ToolsList::Buffering(held) => {
+                if !held.extend(&chunk) {
+                    *state = ToolsList::Refuse;
+                }
             }
+            ToolsList::Events(held) => {
+                if !held.extend(&chunk) {
+                    let why = format!("a tools/list event over {MAX_TOOLS_LIST} bytes");
+                    let mut event = b"data: ".to_vec();
+                    event.extend_from_slice(&refused(why));
+                    event.extend_from_slice(b"\n\n");
+                    *body = Some(event.into());
+                    *state = ToolsList::EventsRefused;
+                } else {
+                    let (events, used) =
+                        mcp::filter_tool_events(&held.0, end_of_stream, visible, refused);
+                    held.consume(used);
+                    *body = (!events.is_empty()).then(|| events.into());
+                }
+                return Ok(None);
+            }
+            ToolsList::Refuse | ToolsList::EventsRefused => {}
         }
         if !end_of_stream {
             return Ok(None);
         }
         let filtered = match state {
-            ToolsList::Buffering(held) => mcp::filter_tools(&held.0, |tool| {
-                mcp::tool_visible(&self.app.cache, &ctx.req, tool)
-            }),
+            ToolsList::Buffering(held) => mcp::filter_tools(&held.0, visible),
             ToolsList::Refuse => Err("tools/list response is not JSON Tether can filter".into()),
+            ToolsList::Events(_) | ToolsList::EventsRefused => return Ok(None),
         };
+        *body = Some(Bytes::from(filtered.unwrap_or_else(refused)));
         // What was held is let go now, not with the request.
         ctx.tools_list = None;
-        *body = Some(Bytes::from(filtered.unwrap_or_else(|e| {
-            log::warn!("{e}: replaced by an error");
-            mcp::error_body(
-                ctx.req.mcp.as_ref(),
-                &Denial::new(Reason::UpstreamError, e),
-                &ctx.req.request_id.text(),
-            )
-        })));
         Ok(None)
+    }
+
+    /// What pingora's error log says of a request: never the query, which
+    /// may carry a token or other secret the audit line leaves out.
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let method = session.req_header().method.as_str();
+        let path = match ctx.req.path.as_str() {
+            "" => "(not yet normalized)",
+            path => path,
+        };
+        format!("{method} {path}, request {}", ctx.req.request_id.text())
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -380,9 +434,7 @@ impl ProxyHttp for TetherProxy {
         ctx.req.denial = Some(denial.clone());
         ctx.req.denied_by = Some("upstream");
         // A dead client connection cannot be answered.
-        let answerable =
-            !matches!(reason, Reason::Internal if e.esource() == &ErrorSource::Downstream);
-        if answerable && session.response_written().is_none() {
+        if reason != Reason::ClientClosed && session.response_written().is_none() {
             self.refuse(session, ctx, &denial).await;
         }
         FailToProxy {
@@ -403,9 +455,11 @@ impl ProxyHttp for TetherProxy {
         };
         let method = session.req_header().method.as_str();
         let trace_id = ctx.span.as_ref().map(Telemetry::trace_id);
-        let record = AuditRecord::new(&ctx.req, method, reason, status, trace_id);
+        let mut record = AuditRecord::new(&ctx.req, method, reason, status, trace_id);
+        record.upstream = ctx.upstream.map(|i| self.upstreams.name(i));
         self.app.metrics.observe(
             reason,
+            ctx.req.allowed,
             SystemTime::now()
                 .duration_since(ctx.req.started)
                 .unwrap_or_default(),
@@ -446,8 +500,15 @@ async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<B
 
 /// What a proxying error means for the record.
 fn failure_reason(e: &Error) -> Reason {
-    match e.esource() {
-        ErrorSource::Upstream => Reason::UpstreamError,
+    use pingora::ErrorType::*;
+    match (e.esource(), &e.etype) {
+        (ErrorSource::Upstream, _) => Reason::UpstreamError,
+        // Headers pingora itself refuses (after the chain ran), e.g. a
+        // `Connection` naming `host`: the caller's to fix, and answered.
+        (ErrorSource::Downstream, InvalidHTTPHeader | H1Error | H2Error | InvalidH2) => {
+            Reason::BadRequest
+        }
+        (ErrorSource::Downstream, _) => Reason::ClientClosed,
         _ => Reason::Internal,
     }
 }

@@ -182,7 +182,13 @@ impl KeySet {
 }
 
 fn parse_key(raw: RawJwk) -> Result<Option<Jwk>, String> {
-    if raw.usage.as_deref().is_some_and(|u| u != "sig") {
+    // SPIFFE bundles mark JWT-SVID signing keys `jwt-svid` (and hold
+    // X.509 authorities as `x509-svid`); plain JWKS mark them `sig`.
+    if raw
+        .usage
+        .as_deref()
+        .is_some_and(|u| u != "sig" && u != "jwt-svid")
+    {
         return Ok(None); // an encryption key, or a SPIRE `x509-svid` entry
     }
     let alg = match raw.alg.as_deref() {

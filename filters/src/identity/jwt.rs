@@ -146,8 +146,12 @@ impl TokenVerifier {
             max_depth: config.max_delegation_depth,
             verified: Cache::builder()
                 .max_capacity(VERIFIED_TOKENS)
+                // A verified token is kept no longer than it may live
+                // (and each hit checks its own times again).
                 .time_to_live(std::time::Duration::from_secs(
-                    config.max_lifetime_seconds.max(1),
+                    config
+                        .max_lifetime_seconds
+                        .clamp(1, tether_config::MAX_TOKEN_LIFETIME_SECONDS),
                 ))
                 .build(),
         }
@@ -289,20 +293,7 @@ impl TokenVerifier {
         let times = self.check_times(&claims, now)?;
         check_audience(issuer, &claims)?;
         let (agent, delegation) = self.agent(issuer, &claims)?;
-        let cnf_x5t_s256 = match claims.get("cnf").and_then(|c| c.get("x5t#S256")) {
-            None => None,
-            Some(v) => Some(
-                v.as_str()
-                    .and_then(|s| decode(s).ok())
-                    .and_then(|t| <[u8; 32]>::try_from(t).ok())
-                    .ok_or_else(|| {
-                        refuse(
-                            Reason::TokenClaims,
-                            "`cnf.x5t#S256` is not a SHA-256 thumbprint",
-                        )
-                    })?,
-            ),
-        };
+        let cnf_x5t_s256 = cnf_thumbprint(&claims)?;
         let verified = VerifiedToken {
             kind: issuer.kind,
             issuer: issuer.name.clone(),
@@ -472,6 +463,37 @@ impl TokenVerifier {
     }
 }
 
+/// The certificate thumbprint a token is bound to (RFC 8705), if any. A
+/// token bound another way (a DPoP key's `jkt`, a `jwk`) is refused, not
+/// taken for a bearer token: its issuer said it only counts with proof of
+/// a key, and Tether checks no such proof.
+fn cnf_thumbprint(claims: &Map<String, Value>) -> Result<Option<[u8; 32]>, Denial> {
+    let Some(cnf) = claims.get("cnf") else {
+        return Ok(None);
+    };
+    let thumbprint = cnf
+        .as_object()
+        .filter(|c| c.len() == 1)
+        .and_then(|c| c.get("x5t#S256"))
+        .ok_or_else(|| {
+            refuse(
+                Reason::TokenNotBound,
+                "`cnf` binds the token by a method Tether does not check (only `x5t#S256`)",
+            )
+        })?;
+    thumbprint
+        .as_str()
+        .and_then(|s| decode(s).ok())
+        .and_then(|t| <[u8; 32]>::try_from(t).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            refuse(
+                Reason::TokenClaims,
+                "`cnf.x5t#S256` is not a SHA-256 thumbprint",
+            )
+        })
+}
+
 impl Issuer {
     /// The agent a claim value names, by the issuer's kind.
     fn agent_id(&self, value: &str) -> Result<SpiffeId, Denial> {
@@ -499,11 +521,24 @@ impl Issuer {
                 SpiffeId::parse(&format!("spiffe://{td}/ns/{namespace}/sa/{account}")).map_err(bad)
             }
             // Whatever the claim says, the agent is in the issuer's trust
-            // domain: a partner's IdP cannot name one of ours.
+            // domain (a partner's IdP cannot name one of ours), and under
+            // its prefix when it has one: whoever names clients at the IdP
+            // names agents there, not the mTLS agents beside them.
             TokenKind::Oidc => match (&self.agent_prefix, value.starts_with("spiffe://")) {
-                (_, true) => in_domain(SpiffeId::parse(value).map_err(bad)?),
-                (Some(prefix), false) => {
-                    in_domain(SpiffeId::parse(&format!("{prefix}{value}")).map_err(bad)?)
+                (None, true) => in_domain(SpiffeId::parse(value).map_err(bad)?),
+                (Some(prefix), spiffe) => {
+                    let id = match spiffe {
+                        true => SpiffeId::parse(value),
+                        false => SpiffeId::parse(&format!("{prefix}{value}")),
+                    }
+                    .map_err(bad)?;
+                    if !id.as_str().starts_with(prefix.as_str()) {
+                        return Err(bad(format!(
+                            "`{id}` is not under `{prefix}`, the agent prefix of `{}`",
+                            self.name
+                        )));
+                    }
+                    in_domain(id)
                 }
                 (None, false) => Err(bad(format!(
                     "`{}` is not a SPIFFE ID and `{}` has no `agent_prefix`",

@@ -57,10 +57,18 @@ impl Identity {
         let value = value
             .to_str()
             .map_err(|_| Denial::new(Reason::TokenMalformed, "`authorization` is not ASCII"))?;
-        match value.split_once(' ') {
+        // RFC 9110: the scheme and its credentials are separated by
+        // spaces or tabs; a tab must not carry a token past Tether.
+        match value.trim_start().split_once([' ', '\t']) {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
                 Ok(Some(token.trim()))
             }
+            // Its issuer bound it to a key whose proof Tether does not
+            // check: refused rather than forwarded as if unseen.
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("dpop") => Err(Denial::new(
+                Reason::TokenNotBound,
+                "DPoP tokens are not accepted: send a token bound to the certificate (`cnf.x5t#S256`)",
+            )),
             _ => Ok(None),
         }
     }

@@ -80,6 +80,7 @@ impl AuditRecord<'_> {
         nullable(out, self.resource.as_deref());
         optional!(out, "mcp_method", self.mcp_method);
         optional!(out, "tool", self.tool);
+        optional!(out, "upstream", self.upstream);
         key!(out, "policies");
         strings(out, self.policies);
         key!(out, "cached");
@@ -251,6 +252,7 @@ mod tests {
             resource: when(present, text.to_string()),
             mcp_method: when(present, text),
             tool: when(present, text),
+            upstream: when(present, text),
             policies: list,
             cached: when(present, present),
             shadow: when(
@@ -289,7 +291,7 @@ mod tests {
         let reasons = crate::Reason::ALL.iter().map(|r| r.code());
         let decisions = crate::Reason::ALL
             .iter()
-            .map(|r| crate::record::decision_label(*r));
+            .flat_map(|r| [false, true].map(|allowed| crate::record::decision_label(*r, allowed)));
         let kinds = [
             IdentityKind::X509Svid,
             IdentityKind::Token(TokenKind::JwtSvid),

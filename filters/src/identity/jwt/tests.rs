@@ -372,14 +372,21 @@ fn oidc_claims_map_by_prefix_and_the_agent_claim_is_configurable() {
         check(&v, &rsa().token(&with(claims(), json!({"azp": "a/../b"})))).map(|t| t.agent),
         Err(Reason::TokenClaims)
     );
-    // A SPIFFE ID as the claim stays in the prefix's trust domain.
-    let inside = json!({"azp": "spiffe://example.org/agents/triage"});
+    // A SPIFFE ID as the claim stays under the prefix: not another
+    // agent of its trust domain, nor of another.
+    let inside = json!({"azp": "spiffe://example.org/oidc/report-bot"});
     assert!(check(&v, &rsa().token(&with(claims(), inside))).is_ok());
-    let outside = json!({"azp": "spiffe://partner.example/agents/x"});
-    assert_eq!(
-        check(&v, &rsa().token(&with(claims(), outside))).map(|t| t.agent),
-        Err(Reason::TokenClaims)
-    );
+    for outside in [
+        "spiffe://example.org/agents/triage",
+        "spiffe://example.org/oidc",
+        "spiffe://partner.example/oidc/x",
+    ] {
+        assert_eq!(
+            check(&v, &rsa().token(&with(claims(), json!({"azp": outside})))).map(|t| t.agent),
+            Err(Reason::TokenClaims),
+            "{outside}"
+        );
+    }
 }
 
 #[test]
@@ -393,7 +400,7 @@ fn an_oidc_issuer_names_agents_of_its_trust_domain_only() {
         check(&v, &rsa().token(&with(claims(), ours))).map(|t| t.agent),
         Err(Reason::TokenClaims)
     );
-    let theirs = json!({"sub": "spiffe://partner.example/agents/bot"});
+    let theirs = json!({"sub": "spiffe://partner.example/oidc/bot"});
     assert!(check(&v, &rsa().token(&with(claims(), theirs))).is_ok());
 }
 
@@ -410,6 +417,20 @@ fn cnf_thumbprints_are_read() {
         check(&verifier(), &rsa().token(&bad)).map(|t| t.agent),
         Err(Reason::TokenClaims)
     );
+    // Bound by a key Tether cannot see proven: never a bearer token.
+    for cnf in [
+        json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}),
+        json!({"jwk": {"kty": "EC"}}),
+        json!({"x5t#S256": mint::x5t_s256(b"certificate"), "jkt": "x"}),
+        json!("garbage"),
+    ] {
+        let bound = with(claims(), json!({ "cnf": cnf }));
+        assert_eq!(
+            check(&verifier(), &rsa().token(&bound)).map(|t| t.agent),
+            Err(Reason::TokenNotBound),
+            "{cnf}"
+        );
+    }
 }
 
 #[test]
