@@ -388,6 +388,15 @@ fn a_reload_with_nothing_changed_reads_nothing() {
     let (_, body) = post();
     assert_eq!(body["status"], "unchanged", "{body}");
     assert_eq!(w.metric("tether_config_generation"), 2.0);
+    // A refused version is not parsed again either: asked again, the
+    // same errors, and one failure counted.
+    std::fs::write(&policies, "permit(principal, action,").expect("write");
+    for _ in 0..3 {
+        let (status, body) = post();
+        assert_eq!(status, 422, "{body}");
+        assert!(body.to_string().contains("repos.cedar"), "{body}");
+    }
+    assert_eq!(w.metric("tether_config_reload_failures_total"), 1.0);
 }
 
 #[test]

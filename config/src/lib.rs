@@ -635,6 +635,7 @@ pub struct Otlp {
     pub max_queue: usize,
     /// How often queued spans are sent, in milliseconds.
     #[serde(default = "default_otlp_flush_ms")]
+    #[schemars(range(min = 10))]
     pub flush_interval_ms: u64,
 }
 

@@ -171,6 +171,11 @@ pub(crate) fn config(c: &Config) -> Vec<ConfigError> {
         if otlp.max_queue == 0 {
             p.push("telemetry.otlp.max_queue", "must be at least 1");
         }
+        if otlp.flush_interval_ms < 10 {
+            // The exporter wakes this often; at 0 it would spin, taking
+            // the queue's lock from every request.
+            p.push("telemetry.otlp.flush_interval_ms", "must be at least 10");
+        }
     }
     if c.audit.output.is_empty() {
         p.push("audit.output", "must be `stdout`, `stderr` or a file path");

@@ -432,6 +432,9 @@ struct AuditQueue {
 struct PendingLines {
     bytes: Vec<u8>,
     lines: usize,
+    /// The writer has taken its last batch: a line now would never be
+    /// written, and is counted as dropped instead.
+    finished: bool,
 }
 
 /// Bytes the queue holds at most, whatever `max_queue` says: a line's
@@ -503,7 +506,10 @@ impl AuditSink {
     pub fn write(&self, record: &AuditRecord<'_>) {
         let queue = &self.queue;
         let mut pending = queue.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.lines >= queue.max_queue || pending.bytes.len() >= MAX_QUEUE_BYTES {
+        if pending.finished
+            || pending.lines >= queue.max_queue
+            || pending.bytes.len() >= MAX_QUEUE_BYTES
+        {
             drop(pending);
             queue.dropped.inc();
             return;
@@ -534,6 +540,7 @@ fn write_lines(queue: &AuditQueue, writer: Box<dyn Write + Send>) {
             let mut pending = queue.pending.lock().unwrap_or_else(|p| p.into_inner());
             // The queue gets the writer's emptied buffer, capacity kept.
             std::mem::swap(&mut pending.bytes, &mut batch);
+            pending.finished = closing;
             std::mem::take(&mut pending.lines)
         };
         if !batch.is_empty() {
@@ -662,6 +669,18 @@ mod tests {
         let text = std::fs::read_to_string(&path).expect("audit file");
         let _ = std::fs::remove_file(&path);
         (text, metrics.audit_dropped.get())
+    }
+
+    #[test]
+    fn a_line_written_after_the_sink_closed_is_counted_not_lost() {
+        let metrics = Metrics::new().expect("metrics");
+        let (sink, handle) =
+            AuditSink::start("stderr", 16, metrics.audit_dropped.clone()).expect("sink");
+        sink.close(Duration::from_secs(5));
+        handle.join().expect("writer");
+        let ctx = testing::ctx();
+        sink.write(&AuditRecord::new(&ctx, "GET", Reason::Aborted, 0, None));
+        assert_eq!(metrics.audit_dropped.get(), 1);
     }
 
     #[test]

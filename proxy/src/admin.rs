@@ -56,6 +56,9 @@ impl AdminApp {
     fn metrics(&self) -> Vec<u8> {
         let m = &self.app.metrics;
         m.cache_entries.set(self.app.cache.entry_count() as i64);
+        // Only the certificates held now: a trust domain a reload removed
+        // must not go on being exported with its last value.
+        m.certificate_expiry.reset();
         for (certificate, seconds) in self.app.certificate_expiry() {
             m.certificate_expiry
                 .with_label_values(&[certificate.as_str()])

@@ -61,9 +61,9 @@ pub struct App {
     bundle_expiry: Mutex<Vec<(String, i64)>>,
     /// Serializes reloads; what the watcher compares against.
     reload_state: Mutex<Watched>,
-    /// The upstreams' CA files as the process read them at start: only a
-    /// restart applies a change to them.
-    upstream_cas: u64,
+    /// The CA files of the upstreams and of JWKS fetches as the process
+    /// read them at start: only a restart applies a change to them.
+    restart_only_files: u64,
     /// Requests begun and not yet recorded (see `proxy::Ctx`).
     pub in_flight: AtomicUsize,
 }
@@ -71,8 +71,9 @@ pub struct App {
 /// The files a reload reads, and their fingerprint when last loaded.
 struct Watched {
     fingerprint: u64,
-    /// Whether the files of that fingerprint loaded.
-    loaded: bool,
+    /// Why the files of that fingerprint did not load, if they did not:
+    /// asked again, the answer is the same, and nothing is parsed for it.
+    refused: Option<ConfigErrors>,
     /// The config serving now: the files to watch are the ones it names,
     /// not those the process started with.
     config: Config,
@@ -107,6 +108,10 @@ impl App {
     /// valid.
     pub fn load(config_path: &Path) -> anyhow::Result<App> {
         let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Taken before the files are read: one changed while they load is
+        // seen by the first poll, not taken for what serves.
+        let seen = fingerprint(config_path, &config);
+        let restart_only = restart_only_files(&config);
         let snapshot =
             Snapshot::load(&config, config_path, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
         let metrics = Arc::new(Metrics::new().context("registering metrics")?);
@@ -151,10 +156,10 @@ impl App {
             config_path: config_path.to_path_buf(),
             chain: chain(cache.clone(), &metrics, tokens.clone()),
             snapshot: ArcSwap::from_pointee(snapshot),
-            upstream_cas: upstream_cas(&config),
+            restart_only_files: restart_only,
             reload_state: Mutex::new(Watched {
-                fingerprint: fingerprint(config_path, &config),
-                loaded: true,
+                fingerprint: seen,
+                refused: None,
                 config: config.clone(),
             }),
             config,
@@ -255,8 +260,11 @@ impl App {
         // files, their fingerprint differs from this one, and the next
         // poll reloads once more, to the same effect.)
         let seen = fingerprint(&self.config_path, &watched.config);
-        if seen == watched.fingerprint && watched.loaded {
-            return Ok((current, false));
+        if seen == watched.fingerprint {
+            return match &watched.refused {
+                Some(refused) => Err(refused.clone()),
+                None => Ok((current, false)),
+            };
         }
         let attempt = (|| {
             let config = Config::load(&self.config_path)?;
@@ -269,10 +277,10 @@ impl App {
                 }])
             };
             let mut restart_only = restart_only_changes(&self.config, &config);
-            if upstream_cas(&config) != self.upstream_cas {
+            if restart_only_files(&config) != self.restart_only_files {
                 // A CA dropped from the file (rotated, or compromised)
                 // must not stay trusted while the reload says it is done.
-                restart_only.push("upstreams' tls.ca files");
+                restart_only.push("the CA files of upstreams (tls.ca) or JWKS fetches (jwks.ca)");
             }
             if !restart_only.is_empty() {
                 // Applying the rest would leave these silently as they
@@ -310,7 +318,7 @@ impl App {
             Ok((config, snapshot, (trust, bundle_expiry), key_sets)) => {
                 *watched = Watched {
                     fingerprint: seen,
-                    loaded: true,
+                    refused: None,
                     config,
                 };
                 // Keys and bundles first: a new agent's credentials must
@@ -331,11 +339,11 @@ impl App {
                 Ok((generation, true))
             }
             Err(errors) => {
-                // Remember this version so the watcher does not retry it
-                // every poll; the next change is tried again (a POST
-                // tries it again, to report its errors).
+                // Remember this version and why it was refused: neither
+                // the watcher nor a POST (which an egress pod's agent can
+                // send) parses it again until a file changes.
                 watched.fingerprint = seen;
-                watched.loaded = false;
+                watched.refused = Some(errors.clone());
                 self.metrics.config_reload_failures.inc();
                 self.metrics.config_last_reload_successful.set(0);
                 log::error!("reload refused, generation {current} keeps serving:\n{errors}");
@@ -445,17 +453,23 @@ fn fingerprint(config_path: &Path, config: &Config) -> u64 {
             file(jwks);
         }
     }
-    upstream_cas(config).hash(&mut h);
+    restart_only_files(config).hash(&mut h);
     h.finish()
 }
 
-/// Hashes the contents of every upstream's `tls.ca` file.
-fn upstream_cas(config: &Config) -> u64 {
+/// Hashes the contents of the CA files read once at start: every
+/// upstream's `tls.ca` and every JWKS fetch's `jwks.ca`.
+fn restart_only_files(config: &Config) -> u64 {
     let mut h = DefaultHasher::new();
-    for ca in config
+    let upstreams = config
         .all_upstreams()
-        .filter_map(|u| u.tls.as_ref()?.ca.as_ref())
-    {
+        .filter_map(|u| u.tls.as_ref()?.ca.as_ref());
+    let jwks = config
+        .tokens
+        .issuers
+        .iter()
+        .filter_map(|i| i.jwks.ca.as_ref());
+    for ca in upstreams.chain(jwks) {
         ca.hash(&mut h);
         std::fs::read(ca).ok().hash(&mut h);
     }

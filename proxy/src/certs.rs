@@ -58,21 +58,21 @@ impl Files {
         h.finish()
     }
 
-    /// The new pair, if the files changed since last looked at and now
-    /// hold a valid pair.
-    fn changed(&self, what: &str) -> Option<LoadedPair> {
+    /// If the files changed since last looked at and now hold a valid
+    /// pair, hands it to `install`. All of it under the lock: the watcher
+    /// and `POST /reload` rotate at once, and an older pair must not be
+    /// installed after a newer one.
+    fn rotate(&self, what: &str, install: impl FnOnce(LoadedPair) -> anyhow::Result<()>) {
         let now = self.fingerprint();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if *seen == now {
-            return None;
+            return;
         }
         *seen = now;
-        match load_pair(&self.cert, &self.key) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                log::warn!("{what}: the changed files do not load yet, the current certificate stays: {e:#}");
-                None
-            }
+        if let Err(e) = load_pair(&self.cert, &self.key).and_then(install) {
+            log::warn!(
+                "{what}: the changed files are refused, the current certificate stays: {e:#}"
+            );
         }
     }
 }
@@ -134,21 +134,25 @@ impl std::fmt::Debug for ServerCert {
 impl ServerCert {
     /// Loads the pair; an invalid pair fails the start.
     pub fn load(cert: &Path, key: &Path) -> anyhow::Result<ServerCert> {
+        // Fingerprinted before reading: a rotation landing in between is
+        // seen by the next look, not taken for what was loaded.
+        let files = Files::new(cert, key);
         Ok(ServerCert {
             current: ArcSwap::from_pointee(load_pair(cert, key)?),
-            files: Files::new(cert, key),
+            files,
         })
     }
 
     /// Swaps in the files' new pair, if they changed and hold a valid one.
     pub fn rotate(&self) {
-        if let Some(pair) = self.files.changed("listener.tls") {
+        self.files.rotate("listener.tls", |pair| {
             log::info!(
                 "listener certificate rotated; it expires at {}",
                 pair.not_after
             );
             self.current.store(Arc::new(pair));
-        }
+            Ok(())
+        });
     }
 
     /// When the current certificate expires, Unix seconds.
@@ -181,9 +185,11 @@ pub struct Workload {
 impl WorkloadSvid {
     /// Loads the SVID; it must be a valid X.509-SVID with its key.
     pub fn load(cert: &Path, key: &Path) -> anyhow::Result<WorkloadSvid> {
+        // Fingerprinted before reading, as the listener's certificate is.
+        let files = Files::new(cert, key);
         Ok(WorkloadSvid {
             current: ArcSwap::from_pointee(workload(load_pair(cert, key)?)?),
-            files: Files::new(cert, key),
+            files,
         })
     }
 
@@ -194,20 +200,16 @@ impl WorkloadSvid {
 
     /// Swaps in the files' new SVID, if they changed and hold a valid one.
     pub fn rotate(&self) {
-        let Some(pair) = self.files.changed("workload") else {
-            return;
-        };
-        match workload(pair) {
-            Ok(w) => {
-                log::info!(
-                    "workload SVID `{}` rotated; it expires at {}",
-                    w.identity.id,
-                    w.identity.not_after
-                );
-                self.current.store(Arc::new(w));
-            }
-            Err(e) => log::warn!("workload: the new certificate is refused: {e:#}"),
-        }
+        self.files.rotate("workload", |pair| {
+            let w = workload(pair)?;
+            log::info!(
+                "workload SVID `{}` rotated; it expires at {}",
+                w.identity.id,
+                w.identity.not_after
+            );
+            self.current.store(Arc::new(w));
+            Ok(())
+        });
     }
 }
 

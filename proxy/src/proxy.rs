@@ -56,6 +56,13 @@ impl Drop for Ctx {
         let method = self.method.as_ref().map_or("", http::Method::as_str);
         let trace_id = self.span.as_ref().map(Telemetry::trace_id);
         let record = AuditRecord::new(&self.req, method, Reason::Aborted, 0, trace_id);
+        app.metrics.observe(
+            Reason::Aborted,
+            self.req.allowed,
+            SystemTime::now()
+                .duration_since(self.req.started)
+                .unwrap_or_default(),
+        );
         app.audit.write(&record);
         if let Some(span) = self.span.take() {
             app.telemetry.finish(span, &record);
@@ -444,9 +451,10 @@ impl ProxyHttp for TetherProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        if ctx.unrecorded.take().is_some() {
-            self.app.in_flight.fetch_sub(1, Ordering::Release);
-        }
+        // Recorded here, not by `Drop`; counted out of flight only once
+        // its record is queued, so a shutdown waiting for the count does
+        // not close the queues under it.
+        let counted = ctx.unrecorded.take().is_some();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let reason = match (&ctx.req.denial, e) {
             (Some(d), _) => d.reason,
@@ -467,6 +475,9 @@ impl ProxyHttp for TetherProxy {
         self.app.audit.write(&record);
         if let Some(span) = ctx.span.take() {
             self.app.telemetry.finish(span, &record);
+        }
+        if counted {
+            self.app.in_flight.fetch_sub(1, Ordering::Release);
         }
     }
 }

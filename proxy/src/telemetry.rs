@@ -218,7 +218,7 @@ impl Telemetry {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let before = queue.bytes.len();
-        if queue.spans >= exporting.shared.max_queue || before >= MAX_QUEUE_BYTES {
+        if queue.closed || queue.spans >= exporting.shared.max_queue || before >= MAX_QUEUE_BYTES {
             drop(queue);
             exporting.shared.dropped.inc();
             return;
@@ -253,6 +253,18 @@ impl Telemetry {
             exporting.shared.closing.store(true, Ordering::Release);
             exporting.thread.unpark();
             exporting.shared.export_queued();
+            // A span finished from here on is never sent: it is counted,
+            // not left in a queue no one reads.
+            let mut queue = exporting
+                .shared
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            queue.closed = true;
+            let left = std::mem::take(&mut queue.spans);
+            queue.bytes.clear();
+            drop(queue);
+            exporting.shared.dropped.inc_by(left as u64);
         }
     }
 }
@@ -262,6 +274,8 @@ impl Telemetry {
 struct Queued {
     bytes: Vec<u8>,
     spans: usize,
+    /// Export has stopped: new spans are dropped and counted.
+    closed: bool,
 }
 
 /// One `ExportTraceServiceRequest`: the envelope's head, then the spans
@@ -695,6 +709,13 @@ mod tests {
             assert_eq!(dropped.get(), 3, "{protocol:?}");
             assert_eq!(queued(&telemetry), 0, "{protocol:?}: nothing held");
             telemetry.shutdown();
+            // After shutdown no one exports: a span is counted, not held.
+            let span = telemetry
+                .start(&request(None), SystemTime::now())
+                .expect("a span");
+            telemetry.finish(span, &record(&policies, None));
+            assert_eq!(dropped.get(), 4, "{protocol:?}");
+            assert_eq!(queued(&telemetry), 0, "{protocol:?}");
         }
     }
 }
