@@ -154,6 +154,7 @@ fn tools_list_sent_as_server_sent_events_is_filtered_too() {
         ))
         .expect("response");
     assert_eq!(r.status, 200, "{r:?}");
+    // Tether's own encoding, UTF-8, whatever the server said.
     assert_eq!(r.header("content-type"), Some("text/event-stream"));
     let body = String::from_utf8(r.body.clone()).expect("utf-8");
     let events: Vec<Value> = body

@@ -305,70 +305,105 @@ fn filter_tools_value(mut value: Value, visible: impl Fn(&str) -> bool) -> Resul
     serde_json::to_vec(&value).map_err(|e| e.to_string())
 }
 
-/// Filters a `tools/list` answer sent as Server-Sent Events (the default
-/// of the TypeScript SDK and FastMCP), one event at a time as the stream
-/// arrives: `stream` is what has arrived and not yet been consumed;
-/// returns the complete events among it, rewritten, and how many bytes
-/// they took (the caller keeps the rest for the next call).
+/// A `tools/list` answer sent as Server-Sent Events (the default of the
+/// TypeScript SDK and FastMCP), filtered one event at a time as it
+/// arrives.
 ///
 /// Every event is written out again from the fields Tether read, never
 /// copied, so what the agent's client dispatches is what was decided on:
 /// `data` lines are joined and parsed as JSON; a server request or
 /// notification (an object with a `method`, no `result` or `error`) goes
-/// through as it was; anything else must be what [`filter_tools`] accepts
-/// and is filtered, or is replaced by `refused(why)`. Comments, `event`,
-/// `id` and `retry` are kept; unknown fields (a client ignores them, but
-/// a leading byte-order mark turns `data` into one) are dropped. At the
-/// end, an event without its closing blank line is dropped, as a client
-/// drops it.
-pub fn filter_tool_events(
-    stream: &[u8],
-    at_end: bool,
-    visible: impl Fn(&str) -> bool,
-    refused: impl Fn(String) -> Vec<u8>,
-) -> (Vec<u8>, usize) {
-    let mut out = Vec::new();
-    let mut consumed = 0;
-    // Lines are only found until the event is complete: an event arriving
-    // in many chunks is scanned again each time, but not copied.
-    let mut lines = Vec::new();
-    let mut at = 0;
-    while let Some((line, next)) = sse_line(stream, at, at_end) {
-        at = next;
-        if !line.is_empty() {
-            lines.push(line);
-            continue;
-        }
-        let mut event = SseEvent::default();
-        lines.drain(..).for_each(|line| event.field(line));
-        event.write(&mut out, &visible, &refused);
-        consumed = at;
-    }
-    if at_end {
-        consumed = stream.len();
-    }
-    (out, consumed)
+/// through re-encoded; anything else must be what [`filter_tools`] accepts
+/// and is filtered, or is replaced by `refused(why)`. The JSON written
+/// escapes U+2028, U+2029 and U+0085, which some clients split lines at.
+/// `event` and `id` are kept when they are printable ASCII, `retry` when
+/// it is digits; comments and unknown fields (a leading byte-order mark
+/// turns `data` into one) are dropped. At the end, an event without its
+/// closing blank line is dropped, as a client drops it.
+#[derive(Default)]
+pub struct ToolEvents {
+    /// Where the next line starts, in what the caller holds.
+    line_start: usize,
+    /// How far the line from `line_start` is known to hold no line end:
+    /// an event arriving a few bytes at a time is searched once, not once
+    /// per chunk.
+    searched: usize,
 }
 
-/// The line starting at `at` and where the next one starts, if its end
-/// has arrived. A line ends at CRLF, LF or a lone CR, so a CR that is the
-/// last byte so far is not an end until the next byte (or the stream's
-/// end) says which.
-fn sse_line(stream: &[u8], at: usize, at_end: bool) -> Option<(&[u8], usize)> {
-    let rest = stream.get(at..)?;
-    let end = rest.iter().position(|&b| b == b'\n' || b == b'\r')?;
-    let next = match (rest[end], rest.get(end + 1)) {
-        (b'\r', Some(b'\n')) => end + 2,
-        (b'\r', None) if !at_end => return None,
-        _ => end + 1,
-    };
-    Some((&rest[..end], at + next))
+impl ToolEvents {
+    /// Takes `held`, what has arrived and not yet been consumed; returns
+    /// the complete events among it, rewritten, and how many bytes they
+    /// took (the caller drops those before the next call).
+    pub fn filter(
+        &mut self,
+        held: &[u8],
+        at_end: bool,
+        visible: impl Fn(&str) -> bool,
+        refused: impl Fn(String) -> Vec<u8>,
+    ) -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let mut consumed = 0;
+        let mut at = self.line_start;
+        let mut from = self.searched.max(at);
+        loop {
+            let Some(end) = held[from..]
+                .iter()
+                .position(|&b| b == b'\n' || b == b'\r')
+                .map(|i| from + i)
+            else {
+                from = held.len();
+                break;
+            };
+            // CRLF, LF or a lone CR: a CR that is the last byte so far is
+            // not an end until the next byte (or the stream's end) says.
+            let next = match (held[end], held.get(end + 1)) {
+                (b'\r', Some(b'\n')) => end + 2,
+                (b'\r', None) if !at_end => {
+                    from = end;
+                    break;
+                }
+                _ => end + 1,
+            };
+            let blank = end == at;
+            at = next;
+            from = next;
+            if blank {
+                let mut event = SseEvent::default();
+                for line in lines(&held[consumed..end]) {
+                    event.field(line);
+                }
+                event.write(&mut out, &visible, &refused);
+                consumed = at;
+            }
+        }
+        if at_end {
+            (consumed, at, from) = (held.len(), held.len(), held.len());
+        }
+        self.line_start = at - consumed;
+        self.searched = from - consumed;
+        (out, consumed)
+    }
+}
+
+/// The lines of a block of whole lines, each ended by CRLF, LF or CR.
+fn lines(mut block: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let end = block.iter().position(|&b| b == b'\n' || b == b'\r')?;
+        let line = &block[..end];
+        let skip = if block[end..].starts_with(b"\r\n") {
+            2
+        } else {
+            1
+        };
+        block = &block[end + skip..];
+        Some(line)
+    })
 }
 
 /// One Server-Sent Event's fields, as a client would read them.
 #[derive(Default)]
 struct SseEvent<'a> {
-    /// Comments, `event`, `id` and `retry` lines, in order, as they came.
+    /// `event`, `id` and `retry` lines that may go on, in order.
     kept: Vec<&'a [u8]>,
     /// The `data` lines' values, joined by `\n` as a client joins them.
     data: Option<Vec<u8>>,
@@ -376,15 +411,12 @@ struct SseEvent<'a> {
 
 impl<'a> SseEvent<'a> {
     fn field(&mut self, line: &'a [u8]) {
-        if line[0] == b':' {
-            self.kept.push(line);
-            return;
-        }
         let (name, value) = match line.iter().position(|&b| b == b':') {
             Some(i) => (&line[..i], &line[i + 1..]),
             None => (line, &[][..]),
         };
         let value = value.strip_prefix(b" ").unwrap_or(value);
+        let printable = || value.iter().all(|b| (b' '..=b'~').contains(b));
         match name {
             b"data" => match &mut self.data {
                 Some(data) => {
@@ -393,7 +425,12 @@ impl<'a> SseEvent<'a> {
                 }
                 None => self.data = Some(value.to_vec()),
             },
-            b"event" | b"id" | b"retry" => self.kept.push(line),
+            b"event" | b"id" if printable() => self.kept.push(line),
+            b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+                self.kept.push(line)
+            }
+            // Comments, unknown fields, values a client might read
+            // otherwise than Tether.
             _ => {}
         }
     }
@@ -416,11 +453,32 @@ impl<'a> SseEvent<'a> {
                 Err(e) => Err(format!("tools/list event is not JSON: {e}")),
             };
             out.extend_from_slice(b"data: ");
-            out.extend_from_slice(&message.unwrap_or_else(refused));
+            escape_line_breaks(&message.unwrap_or_else(refused), out);
             out.push(b'\n');
         }
         out.push(b'\n');
     }
+}
+
+/// Copies `json` to `out` with U+2028, U+2029 and U+0085 escaped: JSON
+/// allows them raw in strings, but clients that split lines as Python's
+/// `str.splitlines` does would end a `data` line there, and a string could
+/// carry an event of its own.
+fn escape_line_breaks(json: &[u8], out: &mut Vec<u8>) {
+    let mut rest = json;
+    while let Some(i) = rest.iter().position(|&b| b == 0xE2 || b == 0xC2) {
+        let escape: Option<(usize, &[u8])> = match &rest[i..] {
+            [0xE2, 0x80, 0xA8, ..] => Some((3, b"\\u2028")),
+            [0xE2, 0x80, 0xA9, ..] => Some((3, b"\\u2029")),
+            [0xC2, 0x85, ..] => Some((2, b"\\u0085")),
+            _ => None,
+        };
+        let (len, text) = escape.unwrap_or((1, &rest[i..i + 1]));
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(text);
+        rest = &rest[i + len..];
+    }
+    out.extend_from_slice(rest);
 }
 
 /// A request or notification from the server to the client: it answers
@@ -648,9 +706,10 @@ mod tests {
         }
     }
 
-    /// Feeds `stream` to [`filter_tool_events`] cut at `cuts`, as chunks
-    /// arrive, keeping what each call leaves for the next.
+    /// Feeds `stream` to a [`ToolEvents`] cut at `cuts`, as chunks arrive,
+    /// keeping what each call leaves for the next.
     fn filter_events_in_chunks(stream: &[u8], cuts: &[usize]) -> String {
+        let mut events = ToolEvents::default();
         let mut held = Vec::new();
         let mut out = Vec::new();
         let mut from = 0;
@@ -658,9 +717,9 @@ mod tests {
             held.extend_from_slice(&stream[from..to]);
             from = to;
             let at_end = to == stream.len();
-            let (events, used) =
-                filter_tool_events(&held, at_end, |name| name == "b", |why| why.into_bytes());
-            out.extend_from_slice(&events);
+            let (filtered, used) =
+                events.filter(&held, at_end, |name| name == "b", |why| why.into_bytes());
+            out.extend_from_slice(&filtered);
             held.drain(..used);
         }
         assert!(held.is_empty());
@@ -683,7 +742,6 @@ mod tests {
         )
         .as_bytes();
         let expected = concat!(
-            ": keep-alive\n",
             "event: message\n",
             "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n",
             "id: 7\n",
@@ -700,6 +758,28 @@ mod tests {
         }
         let every_byte: Vec<usize> = (1..stream.len()).collect();
         assert_eq!(filter_events_in_chunks(stream, &every_byte), expected);
+    }
+
+    #[test]
+    fn an_event_arriving_a_little_at_a_time_is_searched_once() {
+        let mut events = ToolEvents::default();
+        let mut held = b"data: ".to_vec();
+        for _ in 0..1000 {
+            held.push(b'x');
+            let (out, used) = events.filter(&held, false, |_| true, |why| why.into_bytes());
+            assert_eq!((out.len(), used), (0, 0));
+            // The next call starts where this one stopped, not at the
+            // event's first byte.
+            assert_eq!(events.searched, held.len());
+        }
+        held.extend_from_slice(b"\r");
+        let (_, used) = events.filter(&held, false, |_| true, |why| why.into_bytes());
+        assert_eq!((used, events.searched), (0, held.len() - 1), "a CR waits");
+        held.extend_from_slice(b"\n\n");
+        let (out, used) = events.filter(&held, false, |_| true, |why| why.into_bytes());
+        assert_eq!(used, held.len());
+        assert!(out.starts_with(b"data: tools/list event is not JSON"));
+        assert_eq!((events.line_start, events.searched), (0, 0));
     }
 
     #[test]
@@ -725,6 +805,20 @@ mod tests {
             (
                 "data: {\"error\":{\"code\":1},\"id\":1}\n\ndata:\n\n",
                 "data: {\"error\":{\"code\":1},\"id\":1}\n\n\n",
+            ),
+            // Lines some clients split further (U+2028, as Python's
+            // `str.splitlines` does) never go on as they came.
+            (
+                ": x\u{2028}data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"a\"}]}}\u{2028}\u{2028}\n\n",
+                "\n",
+            ),
+            (
+                "event: m\u{2028}data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"a\"}]}}\nretry: 1x\n\n",
+                "\n",
+            ),
+            (
+                "data: {\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{\"s\":\"\u{2028}data: {\\\"result\\\":{\\\"tools\\\":[{\\\"name\\\":\\\"a\\\"}]}}\u{2029}\u{85}\"}}\n\n",
+                "data: {\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{\"s\":\"\\u2028data: ",
             ),
         ] {
             let out = filter_events_in_chunks(stream.as_bytes(), &[]);

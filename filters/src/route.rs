@@ -313,7 +313,18 @@ fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
                     r.path
                 ))
             } else {
-                Ok(Segment::Literal(s.to_string()))
+                // Compared with the request's decoded segments: written
+                // `caf%C3%A9` or `café`, `documents%3Apurge` or
+                // `documents:purge`, it is one literal.
+                match crate::sanitize::segment_value(s) {
+                    Some(literal) if !literal.contains('/') => {
+                        Ok(Segment::Literal(literal.into_owned()))
+                    }
+                    _ => Err(format!(
+                        "`{}`: `{s}` is not a path segment (bad escape, not UTF-8, or an encoded `/`)",
+                        r.path
+                    )),
+                }
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -447,6 +458,11 @@ mod tests {
              "resource": {"type": "Repo", "id": "{owner}/{repo}"}},
             {"method": "*", "path": "/v1/admin", "action": "Admin",
              "resource": {"type": "Api", "id": "admin"}},
+            // Literals written decoded and encoded.
+            {"method": "GET", "path": "/v1/docs:purge", "action": "Purge",
+             "resource": {"type": "Api", "id": "purge"}},
+            {"method": "GET", "path": "/v1/caf%C3%A9", "action": "Cafe",
+             "resource": {"type": "Api", "id": "cafe"}},
             {"method": "GET", "path": "/v1/{anything}", "action": "Read",
              "resource": {"type": "Api", "id": "item-{anything}"}},
         ]))
@@ -471,15 +487,18 @@ mod tests {
             ("DELETE", "/v1/repos/acme/tether/issues", None),
             ("DELETE", "/v1/admin", Some((2, "admin"))),
             ("GET", "/v1/admin", Some((2, "admin"))),
-            ("GET", "/v1/widgets", Some((3, "item-widgets"))),
+            ("GET", "/v1/widgets", Some((5, "item-widgets"))),
             ("GET", "/v1/repos/acme/tether/issues/1", None),
             ("GET", "/v1/repos/acme/issues", None),
             // Parameters are decoded, as the upstream decodes them.
-            ("GET", "/v1/users%40acme", Some((3, "item-users@acme"))),
-            ("GET", "/v1/caf%C3%A9", Some((3, "item-café"))),
+            ("GET", "/v1/users%40acme", Some((5, "item-users@acme"))),
+            ("GET", "/v1/caf%C3%A9", Some((4, "cafe"))),
+            ("GET", "/v1/caf%C3%A9s", Some((5, "item-cafés"))),
             ("GET", "/v1/%FF", None),
             // Literals too: this is the admin route, not an item.
             ("GET", "/v1/adm%69n", Some((2, "admin"))),
+            ("GET", "/v1/docs%3Apurge", Some((3, "purge"))),
+            ("GET", "/v1/docs:purge", Some((3, "purge"))),
             // HEAD is decided as the GET the server will run.
             (
                 "HEAD",
@@ -494,6 +513,17 @@ mod tests {
             let got = got.as_ref().map(|m| m.index).zip(id);
             let expected = expected.map(|(i, id)| (i, id.to_string()));
             assert_eq!(got, expected, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn a_literal_that_is_no_path_segment_is_refused() {
+        for path in ["/v1/a%2Fb", "/v1/%FF", "/v1/%zz"] {
+            let routes: Vec<Route> = serde_json::from_value(serde_json::json!([
+                {"method": "GET", "path": path, "action": "Read", "resource": {"type": "Api", "id": "x"}},
+            ]))
+            .expect("routes");
+            assert!(RouteTable::new(&routes, "").is_err(), "{path}");
         }
     }
 

@@ -88,6 +88,14 @@ impl Filter for Sanitize {
         let path = normalize_path(raw_path)
             .map_err(|e| Denial::new(Reason::BadPath, format!("path `{raw_path}`: {e}")))?;
         let query = req.uri.query();
+        if query.is_some_and(overrides_method) {
+            // Express's method-override and Laravel read it: decided as
+            // the POST it says it is, it would be served as a DELETE.
+            return Err(Denial::new(
+                Reason::BadRequest,
+                "a `_method` query parameter (a method override) is not accepted: send the method itself",
+            ));
+        }
         if !is_target(req.raw_path(), &path, query) {
             // Forward exactly what was decided.
             let decided = match query {
@@ -137,6 +145,14 @@ fn is_target(raw: &[u8], path: &str, query: Option<&str>) -> bool {
 /// Headers Tether sets for the upstream besides its own `x-tether-*`:
 /// the trace context of its span.
 const TRACE_CONTEXT: &[&str] = &["traceparent", "tracestate"];
+
+/// Whether a query names a `_method` parameter, however spelled.
+fn overrides_method(query: &str) -> bool {
+    query.split(['&', ';']).any(|param| {
+        let name = param.split('=').next().unwrap_or_default();
+        segment_value(name).is_some_and(|n| n.eq_ignore_ascii_case("_method"))
+    })
+}
 
 /// Whether `name` (lower case) is [`SPOOFABLE`], or a spelling of one with
 /// `_` for `-` (`x_tether_agent`).
@@ -448,6 +464,21 @@ mod tests {
             }
             let normalized = normalize_path(&path);
             proptest::prop_assert_eq!(normalized.as_deref(), rewritten.as_deref());
+        }
+    }
+
+    #[test]
+    fn a_method_override_in_the_query_is_refused() {
+        for (target, passes) in [
+            ("/v1/x?_method=DELETE", false),
+            ("/v1/x?a=1&_METHOD=delete", false),
+            ("/v1/x?a=1;%5Fmethod=delete", false),
+            ("/v1/x?a=_method&b_method=1", true),
+            ("/v1/x?method=GET", true),
+        ] {
+            let mut req = RequestHeader::build("POST", target.as_bytes(), None).expect("request");
+            let result = Sanitize.apply(&mut req, &mut testing::ctx());
+            assert_eq!(result.is_ok(), passes, "{target}");
         }
     }
 

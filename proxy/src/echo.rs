@@ -157,7 +157,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 let answer = json_rpc(&call, &headers).to_string();
                 let accept = headers.get("accept").and_then(|v| v.as_str());
                 if accept.is_some_and(|v| v.starts_with("text/event-stream")) {
-                    content_type = "text/event-stream";
+                    content_type = "text/event-stream; charset=utf-8";
                     server_sent_events(&answer)
                 } else {
                     answer

@@ -84,7 +84,7 @@ enum ToolsList {
     Buffering(Held),
     /// Server-Sent Events arriving: each event is held until complete
     /// (bounded), then filtered and sent on.
-    Events(Held),
+    Events(Held, mcp::ToolEvents),
     /// Not something Tether can filter: replaced by an error, since an
     /// unfiltered list would show tools the agent may not call.
     Refuse,
@@ -347,13 +347,23 @@ impl ProxyHttp for TetherProxy {
             let events = media_type == "text/event-stream";
             ctx.tools_list = Some(match (json, events, resp.status.is_success()) {
                 (true, _, true) => ToolsList::Buffering(Held::default()),
-                (_, true, true) => ToolsList::Events(Held::default()),
+                (_, true, true) => ToolsList::Events(Held::default(), Default::default()),
                 _ => ToolsList::Refuse,
             });
             if !json && !events {
                 resp.set_status(502)?;
-                resp.insert_header("content-type", "application/json")?;
             }
+            // The body is Tether's UTF-8, whatever `charset` the upstream
+            // named: a client decoding it as UTF-7 would read `+AAo-` in a
+            // string as a line break, and events of its own after it.
+            resp.insert_header(
+                "content-type",
+                if events {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                },
+            )?;
             // The filtered body has another length, and is plain JSON
             // (the request asked for no encoding, and whatever the upstream
             // sent is replaced).
@@ -392,7 +402,7 @@ impl ProxyHttp for TetherProxy {
                     *state = ToolsList::Refuse;
                 }
             }
-            ToolsList::Events(held) => {
+            ToolsList::Events(held, stream) => {
                 if !held.extend(&chunk) {
                     let why = format!("a tools/list event over {MAX_TOOLS_LIST} bytes");
                     let mut event = b"data: ".to_vec();
@@ -401,8 +411,7 @@ impl ProxyHttp for TetherProxy {
                     *body = Some(event.into());
                     *state = ToolsList::EventsRefused;
                 } else {
-                    let (events, used) =
-                        mcp::filter_tool_events(&held.0, end_of_stream, visible, refused);
+                    let (events, used) = stream.filter(&held.0, end_of_stream, visible, refused);
                     held.consume(used);
                     *body = (!events.is_empty()).then(|| events.into());
                 }
@@ -416,7 +425,7 @@ impl ProxyHttp for TetherProxy {
         let filtered = match state {
             ToolsList::Buffering(held) => mcp::filter_tools(&held.0, visible),
             ToolsList::Refuse => Err("tools/list response is not JSON Tether can filter".into()),
-            ToolsList::Events(_) | ToolsList::EventsRefused => return Ok(None),
+            ToolsList::Events(..) | ToolsList::EventsRefused => return Ok(None),
         };
         *body = Some(Bytes::from(filtered.unwrap_or_else(refused)));
         // What was held is let go now, not with the request.
