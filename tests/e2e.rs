@@ -298,7 +298,9 @@ fn paths_are_decided_and_forwarded_in_normalized_form() {
         let r = w.get(TRIAGE, path);
         assert_refused(&r, 403, "policy_denied");
     }
-    for line in w.sandbox.audit_lines(3) {
+    let lines = w.sandbox.audit_lines(3);
+    assert_eq!(lines.len(), 3, "every refusal recorded");
+    for line in lines {
         assert_eq!(line["path"], "/v1/admin");
         assert_eq!(line["action"], "Action::\"Administer\"");
     }
@@ -310,10 +312,18 @@ fn paths_are_decided_and_forwarded_in_normalized_form() {
         "/v1/repos/tether/issues?state=open"
     );
     // An absolute-form target whose authority disagrees with Host is
-    // refused outright; a consistent one is forwarded in origin form, so
+    // refused outright (by pingora, before Tether's chain: nothing is
+    // recorded for it); a consistent one is forwarded in origin form, so
     // the upstream never reads a host routing did not.
+    let before = w.sandbox.audit_lines(4).len();
     let r = w.get(TRIAGE, "http://api.example.org/v1/repos/tether/issues");
     assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.json().is_err(), "not Tether's refusal: {r:?}");
+    assert_eq!(
+        w.sandbox.audit_lines(before + 1).len(),
+        before,
+        "never reached the chain"
+    );
     let absolute = format!("http://{}/v1/repos/tether/issues", w.sandbox.proxy);
     let r = w.get(TRIAGE, &absolute);
     assert_eq!(r.status, 200, "{r:?}");
@@ -511,9 +521,11 @@ fn a_protocol_upgrade_is_refused() {
             &[("connection", "x-tether-agent, host")],
         )
         .expect("an answer, not a closed connection");
-    assert_eq!(r.status, 400, "{r:?}");
-    let last = w.sandbox.audit_lines(2).pop().expect("a line");
-    assert_eq!(last["reason"], "bad_request", "{last}");
+    assert_refused(&r, 400, "bad_request");
+    let lines = w.sandbox.audit_lines(2);
+    assert_eq!(lines.len(), 2, "both recorded: {lines:?}");
+    assert_eq!(lines[1]["reason"], "bad_request", "{}", lines[1]);
+    assert_eq!(lines[1]["stage"], "upstream", "{}", lines[1]);
 }
 
 #[test]

@@ -136,6 +136,35 @@ fn tools_list_shows_only_the_tools_the_agent_may_call() {
 }
 
 #[test]
+fn a_tools_list_answer_tether_cannot_filter_is_replaced_by_an_error() {
+    let w = world();
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    let list = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/list", "params": {}});
+    let send = |headers: &[(&str, &str)]| {
+        let mut all = vec![("content-type", "application/json")];
+        all.extend_from_slice(headers);
+        w.rt.block_on(client.send_body("POST", "/mcp", &all, list.to_string().as_bytes()))
+            .expect("response")
+    };
+    // The server answers with HTML, whose tools Tether cannot see.
+    let r = send(&[("accept", "text/html")]);
+    assert_rpc_error(&r, 502, -32001, "upstream_error");
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("delete_repo"),
+        "{r:?}"
+    );
+    // Tether asks for an answer it can read: no encoding.
+    let r = send(&[("accept-encoding", "gzip, br")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let body = r.json().expect("json");
+    assert_eq!(
+        body["result"]["_meta"]["accept-encoding"],
+        Value::Null,
+        "{body}"
+    );
+}
+
+#[test]
 fn tools_list_sent_as_server_sent_events_is_filtered_too() {
     let w = world();
     let client = w.sandbox.client(Some(TRIAGE)).expect("client");
@@ -210,7 +239,9 @@ fn batches_malformed_and_oversized_bodies_never_bypass_policy() {
         "body_too_large",
     );
     // None of them reached the upstream: every audit line is a refusal.
-    for line in w.sandbox.audit_lines(4) {
+    let lines = w.sandbox.audit_lines(4);
+    assert_eq!(lines.len(), 4, "every refusal recorded");
+    for line in lines {
         assert_eq!(line["decision"], "deny", "{line}");
         assert_eq!(line["stage"], "mcp", "{line}");
     }

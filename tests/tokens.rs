@@ -200,6 +200,18 @@ fn token_refusals_reach_the_caller_with_their_reason() {
         let status = if reason == "unregistered" { 403 } else { 401 };
         assert_refused(&r, status, reason);
     }
+    // Two `authorization` headers: which one a server reads is its own.
+    let token = key.token(&claims(TRIAGE));
+    let auth = format!("Bearer {token}");
+    let r = w
+        .send(
+            None,
+            "GET",
+            "/v1/repos/tether/issues",
+            &[("authorization", &auth), ("authorization", &auth)],
+        )
+        .expect("response");
+    assert_refused(&r, 401, "token_malformed");
     // A DPoP token is bound to a key Tether sees no proof of.
     let r = w
         .send(

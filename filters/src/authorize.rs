@@ -892,6 +892,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 mod tests {
     use super::*;
     use crate::testing;
+    use tether_config::spiffe::SpiffeId;
 
     fn source(name: &str, text: &str) -> PolicySource {
         PolicySource {
@@ -1231,6 +1232,75 @@ mod tests {
             &testing::input(&snapshot, testing::ALICE_BOT, "DELETE", "/dev/api"),
         );
         assert!(dev.allowed, "{dev:?}");
+    }
+
+    #[test]
+    fn a_policy_that_fails_to_evaluate_refuses_even_beside_a_permit() {
+        // The forbid overflows (weekday is at least 1): were its error
+        // ignored, the permit would let the request through.
+        let snapshot = Arc::new(testing::snapshot_with(
+            1,
+            r#"@id("all") permit(principal, action, resource);
+            @id("overflows") forbid(principal, action, resource)
+            when { context.time.weekday + 9223372036854775807 > 0 };"#,
+        ));
+        let mut ctx = testing::ctx_in(&snapshot, testing::ALICE_BOT, "GET", "/v1/admin");
+        let counter = prometheus::IntCounter::new("d", "d").expect("counter");
+        let denial = Authorize::new(Arc::new(testing::cache()), counter)
+            .apply(&mut testing::get("/v1/admin"), &mut ctx)
+            .expect_err("refused");
+        assert_eq!(denial.reason, Reason::PolicyError, "{denial:?}");
+        assert!(denial.detail.contains("overflows"), "{}", denial.detail);
+    }
+
+    #[test]
+    fn time_and_delegation_reach_policy_as_the_readme_says() {
+        let snapshot = Arc::new(testing::snapshot_with(
+            1,
+            r#"permit(principal, action, resource)
+            when { context.time.weekday == 2 && context.time.hour == 15
+                   && context has delegation_depth && context.delegation_depth == 2
+                   && context has delegation_chain
+                   && context.delegation_chain.contains("spiffe://example.org/agents/planner")
+                   && context has on_behalf_of && context.on_behalf_of == "alice@example.org" };"#,
+        ));
+        let at = |instant: &str| {
+            let mut ctx = testing::ctx_in(&snapshot, testing::ALICE_BOT, "GET", "/v1/admin");
+            let t = time::OffsetDateTime::parse(
+                instant,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .expect("instant");
+            ctx.started = std::time::SystemTime::from(t);
+            if let Some(p) = ctx.principal.as_mut() {
+                p.delegation = Some(Arc::new(crate::context::Delegation {
+                    subject: "alice@example.org".into(),
+                    actors: ["spiffe://example.org/agents/planner", testing::ALICE_BOT]
+                        .map(|a| SpiffeId::parse(a).expect("id"))
+                        .to_vec(),
+                }));
+            }
+            DecisionInput::of(&ctx).expect("input")
+        };
+        // A Tuesday at 15:00 UTC, as an offset elsewhere writes it too.
+        for instant in ["2026-12-01T15:00:00Z", "2026-12-01T16:00:00+01:00"] {
+            let input = at(instant);
+            assert_eq!(
+                (input.context.weekday, input.context.hour),
+                (2, 15),
+                "{instant}"
+            );
+            assert!(evaluate(&snapshot, &input).allowed, "{instant}");
+        }
+        // Monday is 1, Sunday 7; another hour is another hour.
+        for instant in [
+            "2026-11-30T15:00:00Z",
+            "2026-12-06T15:00:00Z",
+            "2026-12-01T14:59:59Z",
+        ] {
+            assert!(!evaluate(&snapshot, &at(instant)).allowed, "{instant}");
+        }
+        assert_eq!(at("2026-12-06T12:00:00Z").context.weekday, 7);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use crate::{Denial, Filter, Reason, RequestCtx};
 
 /// A registered agent, ready for the request path.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Agent {
     /// Its SPIFFE ID.
     pub id: SpiffeId,

@@ -672,6 +672,39 @@ mod tests {
     }
 
     #[test]
+    fn the_shadow_verdict_and_an_overdue_review_reach_the_record() {
+        let mut ctx = testing::ctx_for(testing::ALICE_BOT, "GET", "/v1/repos/tether/issues");
+        let mut agent = (**ctx.agent.as_ref().expect("registered")).clone();
+        agent.review_by = Some(tether_config::Expiry::parse("2020-01-01").expect("date"));
+        ctx.agent = Some(Arc::new(agent));
+        ctx.decision = Some(Arc::new(crate::authorize::Decision {
+            allowed: true,
+            policies: vec!["read-repos".into()],
+            errors: Vec::new(),
+            shadow: Some(crate::authorize::ShadowDecision {
+                allowed: false,
+                policies: vec!["stricter".into()],
+            }),
+        }));
+        let record = AuditRecord::new(&ctx, "GET", Reason::Allowed, 200, None);
+        let mut line = Vec::new();
+        record.write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(v["shadow"]["decision"], "deny", "{v}");
+        assert_eq!(v["shadow"]["policies"][0], "stricter", "{v}");
+        assert_eq!(v["review_overdue"], true, "{v}");
+        // Neither, when neither holds.
+        let plain = testing::ctx_for(testing::ALICE_BOT, "GET", "/v1/repos/tether/issues");
+        let mut line = Vec::new();
+        AuditRecord::new(&plain, "GET", Reason::Allowed, 200, None).write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("json");
+        assert!(
+            v.get("shadow").is_none() && v.get("review_overdue").is_none(),
+            "{v}"
+        );
+    }
+
+    #[test]
     fn a_line_written_after_the_sink_closed_is_counted_not_lost() {
         let metrics = Metrics::new().expect("metrics");
         let (sink, handle) =
@@ -686,7 +719,8 @@ mod tests {
     #[test]
     fn the_sink_writes_lines_and_counts_what_it_drops() {
         let (text, dropped) = through_a_sink("some", 4, 3);
-        assert_eq!(text.lines().count() as u64 + dropped, 3);
+        // Room for all three: all written, none dropped.
+        assert_eq!((text.lines().count(), dropped), (3, 0));
         for line in text.lines() {
             let v: serde_json::Value = serde_json::from_str(line).expect("json line");
             assert_eq!(v["reason"], "no_route");

@@ -27,6 +27,9 @@ type Ctx = {
   trust_domain: String,
   source_ip?: ipaddr,
   time: { weekday: Long, hour: Long },
+  on_behalf_of?: String,
+  delegation_chain?: Set<String>,
+  delegation_depth?: Long,
 };
 action ListIssues appliesTo { principal: [Agent], resource: [Repo], context: Ctx };
 action Admin appliesTo { principal: [Agent], resource: [Api], context: Ctx };
@@ -96,15 +99,20 @@ pub fn ctx() -> RequestCtx {
 
 /// A context as the stages before authorize leave it.
 pub fn ctx_for(agent: &str, method: &str, path: &str) -> RequestCtx {
-    let mut ctx = ctx();
+    ctx_in(&Arc::new(snapshot()), agent, method, path)
+}
+
+/// [`ctx_for`] under `snapshot`.
+pub fn ctx_in(snapshot: &Arc<Snapshot>, agent: &str, method: &str, path: &str) -> RequestCtx {
+    let mut ctx = RequestCtx::new(snapshot.clone());
     ctx.path = path.into();
     ctx.principal = Some(Principal {
         id: SpiffeId::parse(agent).expect("id"),
         kind: IdentityKind::X509Svid,
         delegation: None,
     });
-    ctx.agent = ctx.snapshot.registry.get(agent).cloned();
-    ctx.route = ctx.snapshot.routes.find(method, path);
+    ctx.agent = snapshot.registry.get(agent).cloned();
+    ctx.route = snapshot.routes.find(method, path);
     ctx
 }
 
@@ -134,16 +142,7 @@ pub fn input(
     method: &str,
     path: &str,
 ) -> crate::authorize::DecisionInput {
-    let mut ctx = RequestCtx::new(snapshot.clone());
-    ctx.path = path.into();
-    ctx.principal = Some(Principal {
-        id: SpiffeId::parse(agent).expect("id"),
-        kind: IdentityKind::X509Svid,
-        delegation: None,
-    });
-    ctx.agent = snapshot.registry.get(agent).cloned();
-    ctx.route = snapshot.routes.find(method, path);
-    crate::authorize::DecisionInput::of(&ctx).expect("input")
+    crate::authorize::DecisionInput::of(&ctx_in(snapshot, agent, method, path)).expect("input")
 }
 
 pub fn cache() -> DecisionCache {

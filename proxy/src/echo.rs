@@ -88,7 +88,7 @@ fn json_rpc(
             {"name": "search_issues", "description": "search issues"},
             {"name": "create_issue", "description": "file an issue"},
             {"name": "delete_repo", "description": "delete a repository"},
-        ]})
+        ], "_meta": {"accept-encoding": headers.get("accept-encoding")}})
     } else {
         serde_json::json!({"received": call, "headers": headers})
     };
@@ -156,11 +156,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(call) if call.get("jsonrpc").is_some() => {
                 let answer = json_rpc(&call, &headers).to_string();
                 let accept = headers.get("accept").and_then(|v| v.as_str());
-                if accept.is_some_and(|v| v.starts_with("text/event-stream")) {
-                    content_type = "text/event-stream; charset=utf-8";
-                    server_sent_events(&answer)
-                } else {
-                    answer
+                match accept {
+                    Some(v) if v.starts_with("text/event-stream") => {
+                        content_type = "text/event-stream; charset=utf-8";
+                        server_sent_events(&answer)
+                    }
+                    // A server that answers with something else entirely.
+                    Some(v) if v.starts_with("text/html") => {
+                        content_type = "text/html";
+                        format!("<pre>{answer}</pre>")
+                    }
+                    _ => answer,
                 }
             }
             _ => serde_json::json!({

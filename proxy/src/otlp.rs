@@ -417,7 +417,12 @@ pub(crate) mod tests {
         let policies: Vec<String> = (0..20).map(|i| format!("policy-{i}")).collect();
         let chain = vec!["user:alice", "spiffe://example.org/agents/triage"];
         let mut spans = Vec::new();
-        encode_span(&mut spans, &header, &record(&policies, Some(chain)));
+        let mut allowed = record(&policies, Some(chain));
+        allowed.shadow = Some(tether_filters::record::ShadowRecord {
+            decision: "deny",
+            policies: &[],
+        });
+        encode_span(&mut spans, &header, &allowed);
         // A value long enough for two-byte lengths, and an empty one.
         let long_path = format!("/v1/{}", "a".repeat(200));
         let mut denied = record(&[], None);
@@ -471,6 +476,7 @@ pub(crate) mod tests {
         );
         assert_eq!(value(a, "tether.request_id"), text("00112233aabbccdd"));
         assert_eq!(value(a, "tether.decision"), text("allow"));
+        assert_eq!(value(a, "tether.shadow.decision"), text("deny"));
         assert_eq!(value(a, "tether.generation"), Some(Value::IntValue(3)));
         assert_eq!(value(a, "http.route"), text("/v1/repos/{repo}/issues"));
         assert_eq!(value(a, "client.address"), text("127.0.0.1"));
