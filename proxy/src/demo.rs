@@ -427,10 +427,19 @@ pub fn run() -> anyhow::Result<bool> {
 /// `(outcome, note)` for the table: `200 allowed`, `403 expired`, ...
 fn describe(result: anyhow::Result<Response>) -> (String, String) {
     match result {
-        Err(e) => (
-            "TLS refused".into(),
-            format!("handshake failed: {}", root_cause(&e)),
-        ),
+        // Only a TLS alert is the handshake refusing the client; anything
+        // else (a refused connection, a reset) is another outcome.
+        Err(e)
+            if e.chain()
+                .any(|c| c.downcast_ref::<rustls::Error>().is_some())
+                || root_cause(&e).contains("alert") =>
+        {
+            (
+                "TLS refused".into(),
+                format!("handshake failed: {}", root_cause(&e)),
+            )
+        }
+        Err(e) => ("error".into(), root_cause(&e)),
         Ok(r) => {
             let json = r.json().unwrap_or_default();
             if r.status == 200 {
