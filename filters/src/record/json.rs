@@ -139,6 +139,8 @@ fn strings<S: AsRef<str>>(out: &mut Vec<u8>, items: &[S]) {
 
 /// A JSON string, escaped as serde_json escapes: the quote, the backslash
 /// and control characters; everything else, UTF-8 included, as it is.
+/// Runs between escapes are copied whole: Cedar's ids (`Action::"read"`)
+/// carry two quotes each.
 fn string(out: &mut Vec<u8>, text: &str) {
     let bytes = text.as_bytes();
     out.reserve(bytes.len() + 2);
@@ -149,7 +151,8 @@ fn string(out: &mut Vec<u8>, text: &str) {
         return;
     }
     let mut clean = 0;
-    for (i, &byte) in bytes.iter().enumerate() {
+    while let Some(i) = next_escape(bytes, clean) {
+        let byte = bytes[i];
         let escape: &[u8] = match byte {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -158,7 +161,7 @@ fn string(out: &mut Vec<u8>, text: &str) {
             b'\t' => b"\\t",
             0x08 => b"\\b",
             0x0c => b"\\f",
-            0x00..=0x1f => &[
+            _ => &[
                 b'\\',
                 b'u',
                 b'0',
@@ -166,7 +169,6 @@ fn string(out: &mut Vec<u8>, text: &str) {
                 HEX[usize::from(byte >> 4)],
                 HEX[usize::from(byte & 0xf)],
             ],
-            _ => continue,
         };
         out.extend_from_slice(&bytes[clean..i]);
         out.extend_from_slice(escape);
@@ -186,13 +188,67 @@ fn plain_after(out: &mut Vec<u8>, head: &[u8], text: &str) {
     out.push(b'"');
 }
 
-/// Whether JSON needs any of `bytes` escaped. Nearly every string needs
-/// nothing: a check over all its bytes that the compiler turns into
-/// vector code (no early exit), then one copy.
+/// Whether JSON needs any of `bytes` escaped: [`next_escape`]'s test,
+/// with the last word overlapping the one before rather than the last
+/// few bytes tested one at a time.
 fn needs_escape(bytes: &[u8]) -> bool {
-    !bytes.iter().fold(true, |plain, &b| {
-        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
-    })
+    let word = |at: usize| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[at..at + 8]);
+        escapes_in(u64::from_le_bytes(word))
+    };
+    let Some(last) = bytes.len().checked_sub(8) else {
+        return bytes.iter().any(escaped);
+    };
+    let mut found = word(last);
+    let mut at = 0;
+    while at < last {
+        found |= word(at);
+        at += 8;
+    }
+    found != 0
+}
+
+fn escaped(byte: &u8) -> bool {
+    *byte < 0x20 || *byte == b'"' || *byte == b'\\'
+}
+
+/// Where the first byte JSON must escape is, from `from` on. Most
+/// strings are short (an id, a name, a path): eight bytes are tested at
+/// a time as one word, the last few one at a time. (The compiler's
+/// vector code for a byte loop starts only at 64 bytes; below that it
+/// went byte by byte.)
+fn next_escape(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    while let Some(word) = bytes.get(at..at + 8) {
+        let mut array = [0u8; 8];
+        array.copy_from_slice(word);
+        let found = escapes_in(u64::from_le_bytes(array));
+        if found != 0 {
+            // The lowest byte marked is always one that needs escaping.
+            return Some(at + found.trailing_zeros() as usize / 8);
+        }
+        at += 8;
+    }
+    let rest = bytes.get(at..)?;
+    rest.iter().position(escaped).map(|i| at + i)
+}
+
+/// Non-zero if any byte of `word` is below 0x20, a quote or a backslash.
+/// `(x - 0x01..) & !x & 0x80..` is non-zero exactly when some byte of `x`
+/// is zero, and its lowest marked byte is zero: a borrow, which can mark
+/// a byte wrongly, comes only from a truly zero byte below it. Below 0x20
+/// is the same test against 0x20 (exact for any limit up to 0x80, so
+/// bytes of UTF-8 are never taken for control bytes).
+#[inline]
+fn escapes_in(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word;
+    let quote = word ^ (ONES * b'"' as u64);
+    let backslash = word ^ (ONES * b'\\' as u64);
+    let zero_in = |x: u64| x.wrapping_sub(ONES) & !x;
+    (below_space | zero_in(quote) | zero_in(backslash)) & HIGH
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -326,6 +382,50 @@ mod tests {
         for duration in [f64::NAN, f64::INFINITY, 1e300, 5e-324, 0.0] {
             let r = record("x", false, &[], duration);
             assert_eq!(by_hand(&r), by_serde(&r), "{duration}");
+        }
+    }
+
+    /// The word-at-a-time test against the plain definition: every byte
+    /// value at every position of strings of every length to 17, beside
+    /// bytes that are plain or not.
+    #[test]
+    fn needs_escape_finds_every_byte_json_escapes_wherever_it_is() {
+        for len in 1..=17 {
+            for at in 0..len {
+                for fill in [b'a', 0x7f, 0xff, b'!', b'#', b'[', b']', 0x1f] {
+                    for byte in 0..=u8::MAX {
+                        let mut bytes = vec![fill; len];
+                        bytes[at] = byte;
+                        let expected = bytes.iter().any(escaped);
+                        assert_eq!(needs_escape(&bytes), expected, "{bytes:?}");
+                    }
+                }
+            }
+        }
+        assert!(!needs_escape(b""));
+    }
+
+    /// Escapes written between plain runs, against serde: one or two
+    /// bytes to escape at every position of strings of every length to
+    /// 17, every byte value among them.
+    #[test]
+    fn every_escape_at_every_position_is_written_as_serde_writes_it() {
+        for len in 1..=17 {
+            for at in 0..len {
+                for byte in 0..=0x7f {
+                    for second in [None, Some(b'"'), Some(0x01)] {
+                        let mut bytes = vec![b'#'; len];
+                        bytes[at] = byte;
+                        if let Some(second) = second {
+                            bytes[(at + 3) % len] = second;
+                        }
+                        let text = String::from_utf8(bytes).expect("ascii");
+                        let mut out = Vec::new();
+                        string(&mut out, &text);
+                        assert_eq!(out, serde_json::to_vec(&text).expect("json"), "{text:?}");
+                    }
+                }
+            }
         }
     }
 
