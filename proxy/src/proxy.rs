@@ -309,7 +309,6 @@ impl ProxyHttp for TetherProxy {
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.upstream
             .and_then(|i| self.upstreams.peer(i, self.app.workload.as_deref()))
-            .map(Box::new)
             .ok_or_else(|| Error::explain(pingora::ErrorType::InternalError, "no upstream chosen"))
     }
 

@@ -21,7 +21,10 @@ struct Entry {
     name: String,
     hosts: Option<Vec<HostPattern>>,
     path_prefix: Option<String>,
-    peer: HttpPeer,
+    /// Boxed as pingora wants it: a `Box`'s clone is written straight
+    /// into its new allocation, where cloning the peer (some 500 bytes)
+    /// and boxing it copied it twice more, every request.
+    peer: Box<HttpPeer>,
     client_certificate: bool,
 }
 
@@ -39,7 +42,9 @@ impl Upstreams {
                         .as_ref()
                         .map(|h| h.values().into_iter().map(HostPattern::new).collect()),
                     path_prefix: u.path_prefix.clone(),
-                    peer: peer(u).with_context(|| format!("upstream `{name}` ({i})"))?,
+                    peer: peer(u)
+                        .map(Box::new)
+                        .with_context(|| format!("upstream `{name}` ({i})"))?,
                     client_certificate: u.tls.as_ref().is_some_and(|t| t.client_certificate),
                     name,
                 })
@@ -71,7 +76,7 @@ impl Upstreams {
     /// when it originates mTLS. Pooled connections are keyed by the
     /// certificate too, so a rotated SVID is used from the next new
     /// connection while open ones finish undisturbed.
-    pub fn peer(&self, index: usize, workload: Option<&WorkloadSvid>) -> Option<HttpPeer> {
+    pub fn peer(&self, index: usize, workload: Option<&WorkloadSvid>) -> Option<Box<HttpPeer>> {
         let entry = self.entries.get(index)?;
         let mut peer = entry.peer.clone();
         if entry.client_certificate {
