@@ -350,10 +350,17 @@ fn the_watcher_follows_the_files_a_reloaded_config_names_and_restart_only_change
     }
 
     // A section only a restart applies: the whole reload is refused,
-    // loudly, rather than half applied.
+    // loudly, rather than half applied. New policies and the restart-only
+    // change arrive in one step (the policies in a file only the new
+    // config names): written as two, a watcher poll between them would
+    // rightly load the policies alone.
     let generation = w.metric("tether_config_generation");
-    std::fs::write(&moved, version("c1")).expect("policies");
-    rewrite(&|c| c.cache.max_entries += 1);
+    let next = sandbox.dir.path().join("next.cedar");
+    std::fs::write(&next, version("c1")).expect("policies");
+    rewrite(&|c| {
+        c.policy.policies = next.clone();
+        c.cache.max_entries += 1;
+    });
     let (status, body) = rt.block_on(post_reload(sandbox.admin));
     assert_eq!(status, 422, "{body}");
     assert!(body.to_string().contains("cache"), "{body}");
