@@ -8,8 +8,9 @@
 #
 # TARGET: `tether` (default; the load test's cached run: mTLS, registry,
 # Cedar, audit line, span exported to a rotel collector), `tether-nospans`
-# (the same with span export off) or `pingora` (the bare pingora mTLS
-# proxy). `perf` also records `perf record -g` (software clock) into
+# (the same with span export off), `tether-uncached` (the load test's
+# uncached run: a new repository each request, so Cedar decides every
+# one) or `pingora` (the bare pingora mTLS proxy). `perf` also records `perf record -g` (software clock) into
 # loadtest/work/profile/perf.data: a flat profile as built, call graphs
 # with a build made with RUSTFLAGS="-C force-frame-pointers=yes" (point
 # TETHER_BIN, or BARE_BIN for the bare proxy, at it). Run it on a quiet
@@ -44,9 +45,9 @@ BARE=${BARE_BIN:-target/loadtest/release/examples/bare_mtls}
 ROTEL=$(realpath target/tools/*venv*/lib/python3*/site-packages/rotel/rotel-agent 2>/dev/null | head -1)
 require "$CHECKED" "$TETHER" "$OHA" "$ROTEL" "$WORK/upstream/nginx.conf"
 case $TARGET in
-    tether | tether-nospans) ;;
+    tether | tether-nospans | tether-uncached) ;;
     pingora) require "$BARE" ;;
-    *) echo "unknown target $TARGET: tether, tether-nospans or pingora" >&2; exit 2 ;;
+    *) echo "unknown target $TARGET: tether, tether-nospans, tether-uncached or pingora" >&2; exit 2 ;;
 esac
 case $MODE in
     cpu) ;;
@@ -99,13 +100,19 @@ else
     start_tether "$DIR/tether.yaml" "$ADMIN"
 fi
 
+# The load test's URLs: one repository, whose decision is cached after the
+# first request, or (tether-uncached) one of a billion, each new.
+URL=(https://127.0.0.1:$LISTEN/v1/repos/tether/issues)
+if [ "$TARGET" = tether-uncached ]; then
+    URL=(--rand-regex-url "https://127.0.0.1:$LISTEN/v1/repos/r[0-9]{9}/issues")
+fi
 # `load DURATION|-n COUNT OUTPUT`: 32 connections for a time or a count.
 load() {
     local amount=(-z "$1")
     [ "$1" = -n ] && { amount=(-n "$2"); shift; }
     "$OHA" --no-tui --worker-threads 1 --disable-compression -c 32 "${amount[@]}" --cacert $WORK/certs/ca.pem \
         --cert $WORK/certs/agent.pem --key $WORK/certs/agent-key.pem --output-format json -o "$2" \
-        "https://127.0.0.1:$LISTEN/v1/repos/tether/issues" > /dev/null 2>&1
+        "${URL[@]}" > /dev/null 2>&1
 }
 # Every thread's name, user and system ticks, context switches, and
 # nanoseconds spent ready to run but waiting for a core (schedstat).

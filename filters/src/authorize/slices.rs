@@ -36,7 +36,7 @@ pub struct Slices {
     policies: Vec<(Policy, Scope)>,
     /// Each action's ancestors (action groups), from the schema.
     groups: HashMap<EntityUid, HashSet<EntityUid>>,
-    cache: Cache<(EntityUid, EntityUid), Arc<PolicySet>>,
+    cache: Cache<(EntityUid, EntityUid), Arc<PolicySet>, foldhash::fast::RandomState>,
 }
 
 impl Slices {
@@ -78,7 +78,10 @@ impl Slices {
                         .unwrap_or(u32::MAX)
                         .max(1)
                 })
-                .build(),
+                // Keyed by a registered agent and a route's action, both
+                // the config's: foldhash, where SipHash over the two ids
+                // was half of a lookup.
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 
