@@ -1363,7 +1363,9 @@ def parse_args(argv=None):
                     help="oha's worker threads (default 1: the other core is the proxy's and the upstream's)")
     ap.add_argument("--targets", help="comma-separated subset of: " + ", ".join(t["name"] for t in TARGETS))
     ap.add_argument("--shapes", help="comma-separated subset of: " + ", ".join(s["name"] for s in SHAPES))
-    ap.add_argument("--out", help="results folder (default loadtest/results, quick: loadtest/results/quick)")
+    ap.add_argument("--out", help="results folder (default loadtest/results; quick: loadtest/results/quick; "
+                    "with --targets or --shapes: loadtest/results/subset, so a partial run never replaces the "
+                    "full run's table and chart that the README shows)")
     ap.add_argument("--no-build", action="store_true", help="use the existing target/loadtest/release/tether")
     ap.add_argument("--tether-bin", help="measure this tether binary instead of building one")
     ap.add_argument("--keep-runs", action="store_true", help="keep audit logs and oha JSON under loadtest/work/runs")
@@ -1378,7 +1380,8 @@ def parse_args(argv=None):
     a.rounds = a.rounds or (1 if a.quick else 3)
     a.duration = a.duration or (2.0 if a.quick else 10.0)
     a.warmup = a.warmup if a.warmup is not None else (0.5 if a.quick else 2.0)
-    a.out = Path(a.out) if a.out else (LT / "results" / "quick" if a.quick else LT / "results")
+    a.mode = "quick" if a.quick else "subset" if a.targets or a.shapes else "full"
+    a.out = Path(a.out) if a.out else LT / "results" / {"quick": "quick", "subset": "subset", "full": ""}[a.mode]
     return a
 
 
@@ -1393,6 +1396,9 @@ def main(argv=None) -> int:
         TARGETS = [t for t in TARGETS if t["name"] in want]
     if args.shapes:
         want = args.shapes.split(",")
+        unknown = set(want) - {s["name"] for s in SHAPES}
+        if unknown:
+            raise SystemExit(f"unknown shapes: {', '.join(sorted(unknown))}")
         SHAPES = [s for s in SHAPES if s["name"] in want]
     if args.report_only:
         raw = json.loads(Path(args.report_only).read_text())
@@ -1406,7 +1412,7 @@ def main(argv=None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 
     command = "python3 loadtest/run.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
-    meta = {"mode": "quick" if args.quick else "full", "command": command, "machine": machine(),
+    meta = {"mode": args.mode, "command": command, "machine": machine(),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "started": dt.datetime.now().isoformat(timespec="seconds")}
     runs: list[dict] = []
@@ -1469,8 +1475,7 @@ def main(argv=None) -> int:
     finally:
         stop_all()
         if runs and completed:
-            write_results(args.out, meta, runs, update_readme_table=not args.quick and not args.no_readme
-                          and not args.targets and not args.shapes)
+            write_results(args.out, meta, runs, update_readme_table=args.mode == "full" and not args.no_readme)
         elif runs:  # interrupted: keep what was measured, leave the last complete results alone
             meta["mode"] += " (interrupted)"
             write_results(args.out / "partial", meta, runs, update_readme_table=False)
