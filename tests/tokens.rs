@@ -408,3 +408,78 @@ fn keys_from_a_url_are_cached_rotated_kept_while_fresh_and_required() {
     let r = bearer(&cold, "GET", path, &k1.token(&claims(TRIAGE)));
     assert_refused(&r, 503, "token_keys_unavailable");
 }
+
+#[test]
+fn a_certificate_that_no_longer_verifies_is_not_taken_for_none() {
+    // Certificates optional, tokens accepted: a token alone may name its
+    // agent on a connection that presented no certificate. A connection
+    // whose certificate Tether stopped believing (its CA removed by a
+    // reload) is another thing: a token stolen from another agent must
+    // not become the principal there, unbound.
+    use support::post_reload;
+    use tether_config::TrustDomain;
+    use tether_filters::identity::pki::Pki;
+    const OTHER: &str = "spiffe://other.org/agents/x";
+    let dir = tempfile::tempdir().expect("dir");
+    let key = Minter::es256("k1").expect("key");
+    let jwks = jwks_file(dir.path(), &[&key]);
+    let other = Pki::new("other.org").expect("pki");
+    let bundle = dir.path().join("other.pem");
+    std::fs::write(&bundle, other.ca_pem()).expect("bundle");
+    let configured = bundle.clone();
+    let w = World::with(move |c: &mut Config| {
+        c.listener.client_auth = ClientAuth::Optional;
+        c.tokens.issuers = vec![issuer(jwks)];
+        c.trust_domains.push(TrustDomain {
+            name: "other.org".into(),
+            bundle: configured,
+        });
+        let mut x = agent(OTHER, AgentState::Active);
+        x.owner = "olga@other.org".into();
+        c.registry
+            .agents
+            .extend([x, agent(CODER, AgentState::Active)]);
+    });
+    let leaf = other.leaf(&[OTHER]).expect("leaf");
+    let client = Client::new(
+        w.sandbox.proxy,
+        &w.sandbox.pki.ca_pem(),
+        Some((&leaf.cert_pem, &leaf.key_pem)),
+    )
+    .expect("client");
+    let mut open = w.rt.block_on(client.connect()).expect("connect");
+    let stolen = key.token(&claims(CODER));
+    let mut send = |token: Option<&str>| {
+        let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+        let request = format!("GET /v1/repos/tether/issues HTTP/1.1\r\nhost: tether\r\n{auth}\r\n");
+        w.rt.block_on(async {
+            open.write(request.as_bytes()).await?;
+            open.read_response().await
+        })
+        .expect("response")
+    };
+    assert_eq!(send(None).status, 200, "the connection's own identity");
+    // While the certificate verifies, the other agent's token is not bound.
+    assert_refused(&send(Some(&stolen)), 401, "token_not_bound");
+
+    std::fs::write(&bundle, Pki::new("other.org").expect("pki").ca_pem()).expect("bundle");
+    let (status, body) = w.rt.block_on(post_reload(w.sandbox.admin));
+    assert_eq!(status, 200, "{body}");
+    assert_refused(&send(None), 401, "no_identity");
+    assert_refused(&send(Some(&stolen)), 401, "no_identity");
+    let audit = w.sandbox.audit_lines(4);
+    let last = audit.last().expect("the refusal's line");
+    assert_eq!(last["agent"], serde_json::Value::Null, "{last}");
+    assert!(
+        last["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not verify")),
+        "{last}"
+    );
+    // A connection that presents no certificate still may use a token.
+    assert_eq!(
+        bearer(&w, "GET", "/v1/repos/tether/issues", &stolen).status,
+        200,
+        "a token alone, on a connection without a certificate"
+    );
+}

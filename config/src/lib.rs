@@ -23,7 +23,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use registry::{AgentSpec, AgentState, Expiry, RegistryFile};
-pub use validate::{template_params, ParamType};
+pub use validate::{path_params, template_params, ParamType};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

@@ -168,6 +168,26 @@ fn template_params_are_whole_names() {
     assert!(template_params("/v1/{a-b}").is_err());
 }
 
+#[test]
+fn a_path_parameter_is_a_whole_segment() {
+    assert_eq!(
+        path_params("/v1/{owner}/x/{n:int}").expect("valid").len(),
+        2
+    );
+    for template in [
+        "/v1/compare/{base}...{head}",
+        "/v1/{a}{b}",
+        "/v1/x{a}",
+        "/v1/{a}.json",
+        "/v1/{a}}",
+    ] {
+        let e = path_params(template).expect_err(template);
+        assert!(e.contains(template), "{e}");
+    }
+    // A resource id template may put parameters anywhere.
+    assert_eq!(template_params("/{base}...{head}").expect("valid").len(), 2);
+}
+
 fn tempdir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "tether-config-test-{}-{:?}",

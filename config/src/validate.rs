@@ -539,7 +539,7 @@ fn check_route(p: &mut Problems<'_>, i: usize, route: &crate::Route) {
             );
         }
     }
-    let params = match template_params(&route.path) {
+    let params = match path_params(&route.path) {
         Ok(params) => params.into_iter().map(|(name, _)| name).collect(),
         Err(e) => {
             p.push(format!("routes[{i}].path"), e);
@@ -629,9 +629,27 @@ impl ParamType {
     }
 }
 
-/// The `{name}` or `{name:type}` parameters of a template, in order. A
-/// parameter must be a whole path segment in a path template; names are
-/// identifiers.
+/// The parameters of a route's path template, in order: as
+/// [`template_params`], and each parameter a whole path segment. A request
+/// segment is one value; `/v1/compare/{base}...{head}` would ask one
+/// segment for two, which routing cannot give.
+pub fn path_params(template: &str) -> Result<Vec<(String, ParamType)>, String> {
+    let params = template_params(template)?;
+    for segment in template.split('/') {
+        let braces = segment.bytes().filter(|b| matches!(b, b'{' | b'}')).count();
+        let whole = segment.starts_with('{') && segment.ends_with('}') && braces == 2;
+        if braces > 0 && !whole {
+            return Err(format!(
+                "`{template}`: `{segment}` is not a whole-segment parameter (one `{{name}}` per path segment)"
+            ));
+        }
+    }
+    Ok(params)
+}
+
+/// The `{name}` or `{name:type}` parameters of a template, in order;
+/// names are identifiers. A route's path takes them only as whole
+/// segments: see [`path_params`].
 pub fn template_params(template: &str) -> Result<Vec<(String, ParamType)>, String> {
     if !template.starts_with('/') {
         return Err(format!("`{template}` must start with `/`"));

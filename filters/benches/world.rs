@@ -136,7 +136,7 @@ impl World {
         let tokens = Arc::new(TokenVerifier::new(&self.config.tokens, Vec::new()));
         vec![
             Box::new(Sanitize),
-            Box::new(Identity::new(tokens)),
+            Box::new(Identity::new(tokens, false)),
             Box::new(Lifecycle),
             Box::new(Routing),
             Box::new(Mcp),

@@ -146,6 +146,10 @@ pub struct RequestCtx {
     /// The verified X.509-SVID: the client's, from the TLS handshake
     /// (ingress), or the pod's own (egress).
     pub peer: Option<Arc<PeerIdentity>>,
+    /// The connection presented a client certificate that does not verify
+    /// now (`peer` is then `None`): its requests are refused, whatever
+    /// else they carry.
+    pub peer_rejected: bool,
     /// Whether the request already waited for an issuer's keys to be
     /// refetched (it waits at most once).
     pub keys_refetched: bool,
@@ -189,6 +193,7 @@ impl RequestCtx {
             client_addr: None,
             trace_context: None,
             peer: None,
+            peer_rejected: false,
             keys_refetched: false,
             path: SmolStr::default(),
             host: None,

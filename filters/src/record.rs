@@ -22,7 +22,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::context::RequestIdText;
-use crate::{Reason, RequestCtx};
+use crate::{IdentityKind, Reason, RequestCtx};
 
 mod json;
 
@@ -315,6 +315,18 @@ impl<'a> AuditRecord<'a> {
             .and_then(|m| Some((m, ctx.snapshot.routes.get(m.index)?)));
         let template = matched.map(|(_, r)| &*r.template);
         let delegation = ctx.principal.as_ref().and_then(|p| p.delegation.as_deref());
+        // A request refused before the identity stage named a principal (a
+        // bad path, an `Upgrade`, a forged token) still came on a verified
+        // connection: the record names that peer and its registered owner,
+        // so the probing requests are the ones that are not anonymous.
+        let peer = match &ctx.principal {
+            Some(_) => None,
+            None => ctx.peer.as_deref(),
+        };
+        let registered = ctx.agent.as_deref().or_else(|| {
+            peer.and_then(|p| ctx.snapshot.registry.get(p.id.as_str()))
+                .map(|a| &**a)
+        });
         AuditRecord {
             time: rfc3339(started),
             request_id: ctx.request_id.text(),
@@ -323,12 +335,18 @@ impl<'a> AuditRecord<'a> {
             reason: reason.code(),
             stage: ctx.denied_by,
             detail: ctx.denial.as_ref().map(|d| d.detail.as_ref()),
-            agent: ctx.principal.as_ref().map(|p| p.id.as_str()),
-            identity_kind: ctx.principal.as_ref().map(|p| p.kind.as_str()),
+            agent: match &ctx.principal {
+                Some(p) => Some(p.id.as_str()),
+                None => peer.map(|p| p.id.as_str()),
+            },
+            identity_kind: match &ctx.principal {
+                Some(p) => Some(p.kind.as_str()),
+                None => peer.map(|_| IdentityKind::X509Svid.as_str()),
+            },
             on_behalf_of: delegation.map(|d| &*d.subject),
             delegation_chain: delegation.map(|d| d.chain()),
-            owner: ctx.agent.as_deref().map(|a| &*a.owner),
-            team: ctx.agent.as_deref().map(|a| &*a.team),
+            owner: registered.map(|a| &*a.owner),
+            team: registered.map(|a| &*a.team),
             method,
             path: &ctx.path,
             route: template,
@@ -567,6 +585,30 @@ mod tests {
     use super::*;
     use crate::testing;
     use crate::{Denial, Reason};
+
+    #[test]
+    fn a_refusal_before_identity_names_the_verified_peer_and_its_owner() {
+        // Refused by sanitize on a verified connection: no principal yet.
+        let mut ctx = testing::ctx();
+        ctx.peer = Some(Arc::new(testing::peer(testing::ALICE_BOT)));
+        ctx.denied_by = Some("sanitize");
+        ctx.denial = Some(Denial::new(Reason::BadPath, "bad escape"));
+        let mut line = Vec::new();
+        AuditRecord::new(&ctx, "GET", Reason::BadPath, 400, None).write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(v["agent"], testing::ALICE_BOT, "{v}");
+        assert_eq!(v["identity_kind"], "x509_svid", "{v}");
+        assert_eq!(v["owner"], "alice@example.com", "{v}");
+        assert_eq!(v["decision"], "deny", "{v}");
+        // An unregistered peer is named, with no owner to name.
+        let stranger = "spiffe://example.org/agents/stranger";
+        ctx.peer = Some(Arc::new(testing::peer(stranger)));
+        let mut line = Vec::new();
+        AuditRecord::new(&ctx, "GET", Reason::BadPath, 400, None).write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(v["agent"], stranger, "{v}");
+        assert_eq!(v["owner"], serde_json::Value::Null, "{v}");
+    }
 
     #[test]
     fn the_time_is_written_as_rfc_3339_to_the_nanosecond() {

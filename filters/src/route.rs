@@ -269,7 +269,14 @@ impl RouteTable {
                     IdPart::Literal(s) => resource_id.push_str(s),
                     // Decoded, as the upstream decodes it: `%40` and `@`
                     // name one resource.
-                    IdPart::Param(i) => resource_id.push_str(params[*i]),
+                    IdPart::Param(i) => match params.get(*i) {
+                        Some(value) => resource_id.push_str(value),
+                        // Compiled routes name only their own parameters
+                        // (`path_params`); were one ever not to, the
+                        // request matches no route rather than stopping
+                        // the proxy.
+                        None => continue 'routes,
+                    },
                 }
             }
             return Some(RouteMatch {
@@ -315,7 +322,7 @@ pub fn qualified(namespace: &str, name: &str) -> String {
 }
 
 fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
-    let params = tether_config::template_params(&r.path)?;
+    let params = tether_config::path_params(&r.path)?;
     let mut param_types = params.iter().map(|(_, kind)| *kind);
     let segments = r
         .path
@@ -559,6 +566,19 @@ mod tests {
         for path in ["/v1/a%2Fb", "/v1/%FF", "/v1/%zz"] {
             let routes: Vec<Route> = serde_json::from_value(serde_json::json!([
                 {"method": "GET", "path": path, "action": "Read", "resource": {"type": "Api", "id": "x"}},
+            ]))
+            .expect("routes");
+            assert!(RouteTable::new(&routes, "").is_err(), "{path}");
+        }
+    }
+
+    #[test]
+    fn a_parameter_that_is_no_whole_segment_is_refused() {
+        // Two parameters in one segment compiled to one, and a resource id
+        // naming the second indexed past the values a request gave.
+        for path in ["/v1/compare/{base}...{head}", "/v1/{a}.json"] {
+            let routes: Vec<Route> = serde_json::from_value(serde_json::json!([
+                {"method": "GET", "path": path, "action": "Read", "resource": {"type": "Api", "id": "{head}"}},
             ]))
             .expect("routes");
             assert!(RouteTable::new(&routes, "").is_err(), "{path}");

@@ -132,7 +132,7 @@ pub fn peer(id: &str) -> PeerIdentity {
 /// The identity stage with no token issuers.
 pub fn identity() -> crate::identity::Identity {
     let tokens = crate::identity::jwt::TokenVerifier::new(&Default::default(), Vec::new());
-    crate::identity::Identity::new(Arc::new(tokens))
+    crate::identity::Identity::new(Arc::new(tokens), false)
 }
 
 /// The decision input of a request by `agent` for `method path`.

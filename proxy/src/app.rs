@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use tether_config::{ClientAuth, Config, ConfigErrors};
+use tether_config::{ClientAuth, Config, ConfigErrors, Mode};
 use tether_filters::authorize::{Authorize, DecisionCache};
 use tether_filters::credentials::Credentials;
 use tether_filters::identity::jwks::KeySource;
@@ -81,14 +81,23 @@ struct Watched {
 
 /// The stages every request passes, in order. Each stands where it does
 /// because it needs what the ones before it established.
-pub fn chain(cache: Arc<DecisionCache>, metrics: &Metrics, tokens: Arc<TokenVerifier>) -> Chain {
+pub fn chain(
+    config: &Config,
+    cache: Arc<DecisionCache>,
+    metrics: &Metrics,
+    tokens: Arc<TokenVerifier>,
+) -> Chain {
+    // Ingress with `client_auth: required`: every request's connection has
+    // a valid SVID (egress requests carry the pod's own).
+    let certificate_required =
+        config.mode == Mode::Ingress && config.listener.client_auth == ClientAuth::Required;
     Chain::new(vec![
         // First: strip caller-sent identity headers and normalize the path,
         // so nothing after this reads caller claims or an unnormalized path.
         Box::new(Sanitize),
         // Who is calling: the verified SVID and bearer token, bound to
         // each other when both are present.
-        Box::new(Identity::new(tokens)),
+        Box::new(Identity::new(tokens, certificate_required)),
         // Who answers for it: registered, owned, active, unexpired.
         Box::new(Lifecycle),
         // What it is doing: method and normalized path to action and resource.
@@ -154,7 +163,7 @@ impl App {
             .context("starting OpenTelemetry export")?;
         Ok(App {
             config_path: config_path.to_path_buf(),
-            chain: chain(cache.clone(), &metrics, tokens.clone()),
+            chain: chain(&config, cache.clone(), &metrics, tokens.clone()),
             snapshot: ArcSwap::from_pointee(snapshot),
             restart_only_files: restart_only,
             reload_state: Mutex::new(Watched {

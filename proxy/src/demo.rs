@@ -90,6 +90,12 @@ impl Sandbox {
         )
     }
 
+    /// How the proxy exited, if it has: a test's way to see that no input
+    /// stopped it.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The audit lines written so far, waiting up to 5 s for at least `n`.
     pub fn audit_lines(&self, n: usize) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -98,6 +98,7 @@ impl Explainer {
             // Explained requests name their agent as an SVID would; tokens
             // are not part of the question.
             chain: crate::app::chain(
+                &config,
                 cache,
                 &metrics,
                 Arc::new(TokenVerifier::new(&Default::default(), Vec::new())),

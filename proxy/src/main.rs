@@ -78,6 +78,15 @@ static ALLOCATOR: tether_alloc::Mimalloc = tether_alloc::Mimalloc;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // A release build aborts on a panic (`panic = "abort"`): the proxy
+    // stops for every agent. Every build does the same, so that a test
+    // build, which unwinds, cannot hide a panic that input reaches behind
+    // one dropped task: the integration tests see the process die.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     // One crypto stack for every TLS client in the process (the OTLP HTTP
     // exporter's reqwest among them): ring, as rustls uses everywhere else.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -227,10 +227,15 @@ impl ProxyHttp for TetherProxy {
         // Egress: the pod's own SVID is the identity of whatever the agent
         // sends; ingress: the client's, from the handshake (an ingress
         // `workload` is only what Tether shows upstreams).
-        ctx.req.peer = match (self.app.config.mode, &self.app.workload) {
-            (Mode::Egress, Some(workload)) => Some(workload.current().identity.clone()),
-            _ => peer_identity(session, &self.app.verifier),
-        };
+        match (self.app.config.mode, &self.app.workload) {
+            (Mode::Egress, Some(workload)) => {
+                ctx.req.peer = Some(workload.current().identity.clone())
+            }
+            _ => match peer_identity(session, &self.app.verifier) {
+                Ok(peer) => ctx.req.peer = peer,
+                Err(_) => ctx.req.peer_rejected = true,
+            },
+        }
         let telemetry = &self.app.telemetry;
         ctx.span = telemetry.start(session.req_header(), ctx.req.started);
         // Forwarded by the chain's last stage, with the identity headers.

@@ -12,7 +12,7 @@ use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use rustls::pki_types::CertificateDer;
 use tether_config::Config;
-use tether_filters::identity::tls::{SpiffeClientVerifier, TrustStore, VerifiedPeer};
+use tether_filters::identity::tls::{RejectedPeer, SpiffeClientVerifier, TrustStore, VerifiedPeer};
 use tether_filters::identity::PeerIdentity;
 
 use crate::certs::ServerCert;
@@ -72,8 +72,9 @@ pub fn listener_settings(
 /// connection rather than once per request, and verified against the
 /// bundles loaded now (a resumed session's chain is not seen by the
 /// verifier otherwise: see [`SpiffeClientVerifier::verify_peer`]). `None`
-/// when there is no certificate or it does not verify: the request then
-/// finds no identity and is refused.
+/// when there is no certificate; [`RejectedPeer`] when there is one and it
+/// does not verify: the connection's requests are then refused, whatever
+/// token they carry.
 struct PeerIdentityCallback {
     verifier: Arc<SpiffeClientVerifier>,
 }
@@ -85,21 +86,32 @@ impl TlsAccept for PeerIdentityCallback {
         tls: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
         let chain = tls.peer_cert_chain_der()?;
-        Some(Arc::new(self.verifier.verify_connection(chain)?))
+        Some(match self.verifier.verify_connection(chain) {
+            Some(peer) => Arc::new(peer),
+            None => Arc::new(RejectedPeer),
+        })
     }
 }
 
-/// The verified identity of a session's connection, if any, judged by
-/// the bundles loaded now.
+/// The verified identity of a session's connection, if it presented a
+/// certificate, judged by the bundles loaded now; `Err` when the one it
+/// presented does not verify (any more).
 pub fn peer_identity(
     session: &pingora::proxy::Session,
     verifier: &SpiffeClientVerifier,
-) -> Option<Arc<PeerIdentity>> {
-    let connection = session
-        .digest()?
-        .ssl_digest
-        .as_ref()?
-        .extension
-        .get::<VerifiedPeer>()?;
-    verifier.current(connection)
+) -> Result<Option<Arc<PeerIdentity>>, RejectedPeer> {
+    let Some(extension) = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .map(|tls| &tls.extension)
+    else {
+        return Ok(None);
+    };
+    if let Some(connection) = extension.get::<VerifiedPeer>() {
+        return verifier.current(connection).map(Some).ok_or(RejectedPeer);
+    }
+    match extension.get::<RejectedPeer>() {
+        Some(_) => Err(RejectedPeer),
+        None => Ok(None),
+    }
 }

@@ -77,3 +77,18 @@ impl World {
             .unwrap_or_else(|| panic!("no metric {name}"))
     }
 }
+
+/// `POST /reload` on the admin listener: its status and JSON answer.
+pub async fn post_reload(admin: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    s.write_all(
+        b"POST /reload HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let r = tether::client::parse_response(&raw).expect("response");
+    (r.status, r.json().expect("json"))
+}

@@ -88,7 +88,7 @@ pub struct TokenVerifier {
 }
 
 /// What the header may say; other members (`jku`, `x5u`, `jwk`, `x5c`,
-/// `typ`, ...) are never read.
+/// ...) are never read.
 #[derive(Deserialize)]
 struct Header {
     alg: String,
@@ -96,6 +96,20 @@ struct Header {
     kid: Option<String>,
     #[serde(default)]
     crit: Option<Value>,
+    /// Checked for JWT-SVIDs only: other issuers differ on it.
+    #[serde(default)]
+    typ: Option<String>,
+}
+
+/// The `typ` values a JWT-SVID may carry (SPIFFE JWT-SVID, 3.1: `JWT` or
+/// `JOSE`), compared as RFC 7515, 4.1.9 says media types are: ignoring
+/// case, with or without `application/`.
+fn is_jwt_svid_typ(typ: &str) -> bool {
+    let typ = match typ.get(..12) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("application/") => &typ[12..],
+        _ => typ,
+    };
+    typ.eq_ignore_ascii_case("JWT") || typ.eq_ignore_ascii_case("JOSE")
 }
 
 /// A token split into its parts, its header decoded, nothing verified.
@@ -245,6 +259,19 @@ impl TokenVerifier {
                 format!("issuer `{}` is not configured", clip(iss)),
             )
         })?;
+        if let (TokenKind::JwtSvid, Some(typ)) = (issuer.kind, &parsed.header.typ) {
+            // An access token (`at+jwt`) or any other kind of JWT the same
+            // issuer signs is not an SVID, whatever its claims say.
+            if !is_jwt_svid_typ(typ) {
+                return Err(refuse(
+                    Reason::TokenMalformed,
+                    format!(
+                        "a JWT-SVID's `typ` must be `JWT` or `JOSE`, not `{}`",
+                        clip(typ)
+                    ),
+                ));
+            }
+        }
         if !issuer.algorithms.contains(&alg) {
             return Err(refuse(
                 Reason::TokenAlgorithm,
@@ -333,7 +360,11 @@ impl TokenVerifier {
                 format!("header is over {} bytes", self.max_header_bytes),
             ));
         }
-        let header: Header = decode_json(header)
+        // RFC 7515, 4: the header is a JSON object. Read straight into
+        // `Header`, an array (`["RS256"]`) would fill its fields in order.
+        let header: Map<String, Value> = decode_json(header)
+            .map_err(|e| refuse(Reason::TokenMalformed, format!("header: {e}")))?;
+        let header: Header = serde_json::from_value(Value::Object(header))
             .map_err(|e| refuse(Reason::TokenMalformed, format!("header: {e}")))?;
         Ok(Parsed {
             header,

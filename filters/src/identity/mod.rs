@@ -30,12 +30,19 @@ use crate::{Denial, Filter, IdentityKind, Principal, Reason, RequestCtx};
 /// Turns the verified SVID and bearer token into the request's principal.
 pub struct Identity {
     tokens: Arc<TokenVerifier>,
+    /// `listener.client_auth: required`: a request whose connection has no
+    /// valid SVID is refused, token or not.
+    certificate_required: bool,
 }
 
 impl Identity {
-    /// Identity from SVIDs and from the tokens `tokens` verifies.
-    pub fn new(tokens: Arc<TokenVerifier>) -> Identity {
-        Identity { tokens }
+    /// Identity from SVIDs and from the tokens `tokens` verifies; with
+    /// `certificate_required`, every request needs a valid SVID.
+    pub fn new(tokens: Arc<TokenVerifier>, certificate_required: bool) -> Identity {
+        Identity {
+            tokens,
+            certificate_required,
+        }
     }
 
     /// The bearer token, if the request carries one for Tether. Without
@@ -89,6 +96,22 @@ impl Filter for Identity {
             .started
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
+        if ctx.peer_rejected {
+            // Not the same as no certificate: a token alone would make its
+            // own agent the principal, unbound, on a connection whose
+            // certificate Tether no longer believes (a stolen token on the
+            // thief's resumed session).
+            return Err(Denial::new(
+                Reason::NoIdentity,
+                "the client certificate of this connection does not verify (expired, or its CA is no longer trusted): reconnect with a current SVID",
+            ));
+        }
+        if self.certificate_required && ctx.peer.is_none() {
+            return Err(Denial::new(
+                Reason::NoIdentity,
+                "no client certificate on this connection, and `client_auth` is `required`",
+            ));
+        }
         if let Some(peer) = &ctx.peer {
             // Verified at the handshake, but a connection can outlive its
             // certificate: an SVID lives about an hour, a keep-alive
@@ -207,6 +230,33 @@ mod tests {
             .expect_err("denied");
         assert_eq!(denial.reason, Reason::NoIdentity);
         assert!(denial.detail.contains("expired"), "{}", denial.detail);
+    }
+
+    #[test]
+    fn a_rejected_certificate_is_not_mistaken_for_none() {
+        // With token issuers, a connection with no certificate may name its
+        // agent by token; one whose certificate no longer verifies may not.
+        let mut ctx = testing::ctx();
+        ctx.peer_rejected = true;
+        let denial = testing::identity()
+            .apply(&mut testing::get("/"), &mut ctx)
+            .expect_err("denied");
+        assert_eq!(denial.reason, Reason::NoIdentity);
+        assert!(
+            denial.detail.contains("does not verify"),
+            "{}",
+            denial.detail
+        );
+    }
+
+    #[test]
+    fn a_required_certificate_is_required_of_every_request() {
+        let tokens = Arc::new(TokenVerifier::new(&Default::default(), Vec::new()));
+        let denial = Identity::new(tokens, true)
+            .apply(&mut testing::get("/"), &mut testing::ctx())
+            .expect_err("denied");
+        assert_eq!(denial.reason, Reason::NoIdentity);
+        assert!(denial.detail.contains("required"), "{}", denial.detail);
     }
 
     #[test]

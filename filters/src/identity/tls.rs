@@ -83,6 +83,12 @@ pub struct VerifiedPeer {
     checked: AtomicU64,
 }
 
+/// A connection whose client presented a chain that did not verify at the
+/// end of its handshake (a resumed session whose SVID has expired since,
+/// or whose CA a reload removed). Kept apart from a connection that
+/// presented none: a bearer token must not speak alone for it.
+pub struct RejectedPeer;
+
 /// A leaf that chained to a store's bundles at a moment.
 struct Verified {
     leaf_sha256: [u8; 32],

@@ -513,3 +513,47 @@ fn a_remembered_token_is_still_checked_for_time_and_keys() {
     source.store(set(&k2));
     assert_eq!(at(now()), Err(Reason::TokenUnknownKey));
 }
+
+#[test]
+fn a_header_that_is_no_json_object_is_malformed() {
+    // Valid claims and signature: only the header's shape is wrong. Read
+    // into the header struct, the array's first item was taken for `alg`.
+    for header in [json!(["RS256"]), json!(["RS256", "rsa-1"]), json!("RS256")] {
+        assert_eq!(
+            check(&verifier(), &rsa().sign(&header, &claims())).map(|t| t.agent),
+            Err(Reason::TokenMalformed),
+            "{header}"
+        );
+    }
+}
+
+#[test]
+fn a_jwt_svid_typ_is_jwt_or_jose() {
+    let key = rsa();
+    for (typ, accepted) in [
+        ("JWT", true),
+        ("jwt", true),
+        ("JOSE", true),
+        ("application/jwt", true),
+        ("Application/JOSE", true),
+        ("at+jwt", false),
+        ("application/at+jwt", false),
+        ("JWT+x", false),
+        ("", false),
+    ] {
+        let header = json!({"alg": "RS256", "kid": "rsa-1", "typ": typ});
+        let result = check(&verifier(), &key.sign(&header, &claims()));
+        assert_eq!(result.is_ok(), accepted, "typ {typ:?}: {:?}", result.err());
+        if !accepted {
+            assert_eq!(result.map(|t| t.agent), Err(Reason::TokenMalformed));
+        }
+    }
+    // Absent, it is no claim to check.
+    let header = json!({"alg": "RS256", "kid": "rsa-1"});
+    check(&verifier(), &key.sign(&header, &claims())).expect("no typ");
+    // Other issuers' tokens are typed as they like: an OIDC access token
+    // is `at+jwt` (RFC 9068).
+    let oidc = verifier_of(issuer(TokenKind::Oidc, Some("example.org")), &[key]);
+    let header = json!({"alg": "RS256", "kid": "rsa-1", "typ": "at+jwt"});
+    check(&oidc, &key.sign(&header, &claims())).expect("an OIDC access token");
+}
