@@ -2,6 +2,7 @@
 # Installs what a fresh machine lacks to build and test Tether.
 #   bash scripts/setup.sh          system packages for the build (cmake)
 #   bash scripts/setup.sh --tests  also the test peers (the rotel collector)
+#                                  and the dependency checks CI runs
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ "${1:-}" = "--tests" ]; then
+  # The dependency checks CI runs: unused dependencies (cargo-machete) and
+  # licenses, sources and duplicate versions (cargo-deny, see deny.toml).
+  for tool in cargo-machete@0.9.2 cargo-deny@0.20.2; do
+    command -v "${tool%@*}" >/dev/null 2>&1 || {
+      echo "setup: installing ${tool%@*}"
+      cargo install -q --locked "$tool"
+    }
+  done
   # A real OpenTelemetry collector for the span-export tests (tests/otel.rs).
   venv=target/tools/venv
   if ! ls $venv/lib/python3*/site-packages/rotel/rotel-agent >/dev/null 2>&1; then

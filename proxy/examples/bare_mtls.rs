@@ -24,7 +24,7 @@ use pingora::server::{RunArgs, Server};
 use rustls::server::WebPkiClientVerifier;
 
 #[global_allocator]
-static ALLOCATOR: tether_alloc::Mimalloc = tether_alloc::Mimalloc;
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 struct Args {

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use pingora::utils::tls::CertKey;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject as _};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -86,9 +87,10 @@ pub fn load_pair(cert: &Path, key: &Path) -> anyhow::Result<LoadedPair> {
             .map_err(|e| anyhow::anyhow!("`{}`: bad certificate: {e}", cert.display()))?;
     }
     let pem = std::fs::read(key).with_context(|| format!("reading `{}`", key.display()))?;
-    let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
-        .with_context(|| format!("parsing PEM in `{}`", key.display()))?
-        .with_context(|| format!("`{}` holds no private key", key.display()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => anyhow::anyhow!("`{}` holds no private key", key.display()),
+        e => anyhow::anyhow!("parsing PEM in `{}`: {e}", key.display()),
+    })?;
     let provider = provider();
     let signing = provider
         .key_provider
@@ -224,4 +226,32 @@ fn workload(pair: LoadedPair) -> anyhow::Result<Workload> {
         identity: Arc::new(identity),
         cert_key: Arc::new(cert_key),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_filters::identity::pki::Pki;
+
+    #[test]
+    fn a_pair_loads_and_a_key_file_without_a_key_is_named() {
+        let pki = Pki::new("example.org").expect("pki");
+        let leaf = pki.server(&["127.0.0.1"]).expect("leaf");
+        let dir = tempfile::tempdir().expect("dir");
+        let (cert, key, not_key) = (
+            dir.path().join("cert.pem"),
+            dir.path().join("key.pem"),
+            dir.path().join("not-key.pem"),
+        );
+        std::fs::write(&cert, &leaf.cert_pem).expect("cert");
+        std::fs::write(&key, &leaf.key_pem).expect("key");
+        std::fs::write(&not_key, &leaf.cert_pem).expect("not a key");
+        load_pair(&cert, &key).expect("the leaf's own key");
+        let e = load_pair(&cert, &not_key).err().expect("refused");
+        assert!(e.to_string().contains("holds no private key"), "{e:#}");
+        let e = load_pair(&cert, &cert.with_file_name("absent.pem"))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("absent.pem"), "{e:#}");
+    }
 }

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use rustls::pki_types::{PrivateKeyDer, ServerName};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -74,7 +75,7 @@ impl Client {
         resume: bool,
     ) -> anyhow::Result<Client> {
         let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             roots.add(cert?)?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -83,11 +84,10 @@ impl Client {
             .with_root_certificates(roots);
         let config = match identity {
             Some((cert_pem, key_pem)) => {
-                let chain = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+                let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
                     .collect::<Result<Vec<_>, _>>()?;
-                let key: PrivateKeyDer<'static> =
-                    rustls_pemfile::private_key(&mut key_pem.as_bytes())?
-                        .context("no private key in PEM")?;
+                let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                    .context("no private key in PEM")?;
                 builder.with_client_auth_cert(chain, key)?
             }
             None => builder.with_no_client_auth(),

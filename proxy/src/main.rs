@@ -71,10 +71,9 @@ enum Command {
 }
 
 /// mimalloc: cheaper than the system allocator for the proxy's many small,
-/// short-lived per-request allocations (see loadtest/README.md), called
-/// through `tether_alloc` for the reason its documentation gives.
+/// short-lived per-request allocations (see loadtest/README.md).
 #[global_allocator]
-static ALLOCATOR: tether_alloc::Mimalloc = tether_alloc::Mimalloc;
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
 use tether_config::Config;
 use tether_filters::identity::tls::{RejectedPeer, SpiffeClientVerifier, TrustStore, VerifiedPeer};
@@ -43,7 +44,7 @@ pub fn trust_store(config: &Config) -> anyhow::Result<(TrustStore, Vec<(String, 
 /// Every certificate in a PEM file.
 pub fn read_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path).with_context(|| format!("reading `{}`", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing PEM in `{}`", path.display()))?;
     if certs.is_empty() {
