@@ -422,6 +422,8 @@ fn a_changed_upstream_ca_file_is_refused_until_a_restart() {
             server_name: "other.example".into(),
             ca: Some(path),
             client_certificate: false,
+            spiffe_id: None,
+            trust_domain: None,
         };
         let other = tether_config::Upstream {
             name: Some("other".into()),
