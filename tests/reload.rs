@@ -4,12 +4,11 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{World, TRIAGE};
+use support::{post_reload, World, TRIAGE};
 
 /// A policy set whose only permit is named `id`: the audit line says which
 /// version decided.
@@ -17,20 +16,6 @@ fn version(id: &str) -> String {
     format!(
         "@id(\"{id}\")\npermit(principal, action in [Action::\"ReadIssues\", Action::\"CreateIssue\"], resource);\n"
     )
-}
-
-async fn post_reload(admin: SocketAddr) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
-    s.write_all(
-        b"POST /reload HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-    )
-    .await
-    .expect("write");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.expect("read");
-    let r = tether::client::parse_response(&raw).expect("response");
-    (r.status, r.json().expect("json"))
 }
 
 /// Fresh requests as TRIAGE, each answered 200, and which policy decided
@@ -328,11 +313,7 @@ fn the_watcher_follows_the_files_a_reloaded_config_names_and_restart_only_change
     let decisions = Decisions::new(&w);
     let decide = || decisions.next();
     let rewrite = |change: &dyn Fn(&mut tether_config::Config)| {
-        let mut config = tether_config::Config::load(&sandbox.config).expect("config");
-        change(&mut config);
-        let tmp = sandbox.config.with_extension("tmp");
-        std::fs::write(&tmp, config.to_yaml()).expect("write");
-        std::fs::rename(&tmp, &sandbox.config).expect("swap");
+        support::rewrite_config(sandbox, change);
     };
 
     // The config now names a policy file the process did not start with.

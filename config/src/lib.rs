@@ -79,9 +79,10 @@ pub struct Config {
 }
 
 /// Hot reload. What reloads: `routes`, `registry`, `policy` and the files
-/// they name, the `trust_domains` bundles, JWKS files, and the listener's
-/// and the workload's certificates (rotation). Changes to other sections
-/// are reported and take effect at the next restart.
+/// they name, the `trust_domains` bundles, `tokens` (issuers, their JWKS
+/// files, URLs and CA files), and the listener's and the workload's
+/// certificates (rotation). Changes to other sections are reported and
+/// take effect at the next restart.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Reload {
@@ -403,7 +404,7 @@ impl JwtAlgorithm {
 }
 
 /// Where an issuer's public keys come from: a JWKS file or URL.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwksSource {
     /// A JWKS file (e.g. a SPIRE bundle mounted from a ConfigMap); reloaded

@@ -81,7 +81,7 @@ pub fn run(config_path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
             }
         }
     }
-    if let Err(e) = crate::jwks::sources(&config.tokens) {
+    if let Err(e) = crate::jwks::load(&config.tokens) {
         return Ok(report(&format!("{}: {e:#}", config_path.display())));
     }
     let workload = match &config.workload {

@@ -77,3 +77,28 @@ impl World {
             .unwrap_or_else(|| panic!("no metric {name}"))
     }
 }
+
+/// `POST /reload` at `admin`: the status and the JSON answer.
+pub async fn post_reload(admin: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    s.write_all(
+        b"POST /reload HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let r = tether::client::parse_response(&raw).expect("response");
+    (r.status, r.json().expect("json"))
+}
+
+/// Rewrites the sandbox's config file with `change` applied, in one
+/// step (a watcher never sees it half written).
+pub fn rewrite_config(sandbox: &Sandbox, change: impl FnOnce(&mut Config)) {
+    let mut config = Config::load(&sandbox.config).expect("config");
+    change(&mut config);
+    let tmp = sandbox.config.with_extension("tmp");
+    std::fs::write(&tmp, config.to_yaml()).expect("write");
+    std::fs::rename(&tmp, &sandbox.config).expect("swap");
+}
