@@ -132,6 +132,8 @@ fn egress() -> (World, Pod, String) {
                     server_name: "localhost".into(),
                     ca: Some(ca),
                     client_certificate: true,
+                    spiffe_id: None,
+                    trust_domain: None,
                 }),
             },
             Upstream {
@@ -320,4 +322,87 @@ fn in_ingress_mode_a_workload_svid_is_shown_upstreams_never_taken_as_the_caller(
     assert_eq!(anonymous.json().expect("json")["reason"], "no_identity");
     let triage = w.get(TRIAGE, "/v1/repos/tether/issues");
     assert_eq!(triage.status, 200, "{triage:?}");
+}
+
+#[test]
+fn an_upstream_authorized_by_spiffe_id_must_present_that_id() {
+    // Two workloads of one trust domain, their SVIDs from the same CA and
+    // both carrying the DNS name `localhost`: the API, and another one
+    // (a compromised pod, a misrouted address) answering in its place.
+    const API: &str = "spiffe://example.org/apis/github";
+    let pki = Pki::new("example.org").expect("pki");
+    let dir = tempfile::tempdir().expect("dir");
+    let rt = support::runtime();
+    let serve = |id: &str| {
+        let svid = pki.server_svid(id, &["localhost"]).expect("svid");
+        rt.block_on(tether::echo::start_mtls(
+            &svid.cert_pem,
+            &svid.key_pem,
+            &pki.ca_pem(),
+        ))
+        .expect("upstream")
+    };
+    let (api, impostor) = (serve(API), serve("spiffe://example.org/agents/other"));
+    let leaf = pki.leaf(&[TRIAGE]).expect("pod svid");
+    let (cert, key, bundle) = (
+        dir.path().join("svid.pem"),
+        dir.path().join("svid-key.pem"),
+        dir.path().join("bundle.pem"),
+    );
+    std::fs::write(&cert, &leaf.cert_pem).expect("write");
+    std::fs::write(&key, &leaf.key_pem).expect("write");
+    std::fs::write(&bundle, pki.ca_pem()).expect("write");
+    let w = World::with(move |c: &mut Config| {
+        c.mode = Mode::Egress;
+        c.listener.tls = None;
+        c.workload = Some(Workload { cert, key });
+        c.trust_domains[0].bundle = bundle.clone();
+        let upstream = |name: &str, address: SocketAddr, by_id: bool| Upstream {
+            name: Some(name.into()),
+            hosts: Some(OneOrMany::One(format!("{name}.test"))),
+            path_prefix: None,
+            address: address.to_string(),
+            tls: Some(UpstreamTls {
+                server_name: "localhost".into(),
+                ca: (!by_id).then(|| bundle.clone()),
+                client_certificate: true,
+                spiffe_id: by_id.then(|| OneOrMany::One(API.into())),
+                trust_domain: None,
+            }),
+        };
+        c.upstream = None;
+        c.upstreams = vec![
+            upstream("github", api, true),
+            upstream("mirror", impostor, true),
+            // As before `spiffe_id`: the bundle and the name only.
+            upstream("by-name", impostor, false),
+        ];
+    });
+    let r = get(&w, "github.test", "/v1/repos/tether/issues");
+    assert_eq!(r.status, 200, "{r:?}");
+    // The connection Tether made presented the pod's SVID.
+    assert_eq!(r.json().expect("echo")["client"]["spiffe_id"], TRIAGE);
+
+    let r = get(&w, "mirror.test", "/v1/repos/tether/issues");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.json().expect("json")["reason"], "upstream_error");
+    let line = w.sandbox.audit_lines(2).pop().expect("line");
+    assert_eq!(line["reason"], "upstream_error", "{line}");
+    assert_eq!(line["upstream"], "mirror", "{line}");
+    let detail = line["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&format!(
+            "upstream `mirror`: TLS handshake: presented `spiffe://example.org/agents/other`, \
+             expected `{API}`"
+        )),
+        "{line}"
+    );
+    assert_eq!(
+        w.metric("tether_upstream_cert_rejected_total{reason=\"spiffe_id\",upstream=\"mirror\"}"),
+        1.0
+    );
+
+    // What the ID adds: by bundle and name alone, the impostor passes.
+    let r = get(&w, "by-name.test", "/v1/repos/tether/issues");
+    assert_eq!(r.status, 200, "{r:?}");
 }

@@ -183,6 +183,7 @@ fn the_egress_example_loads_with_a_pod_svid() {
     let (code, stdout) = check(&dir.path().join("egress.yaml"));
     assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("1 token issuers"), "{stdout}");
+    assert!(!stdout.contains("SPIFFE bundle"), "{stdout}");
     assert!(!stdout.contains("chosen by host"), "{stdout}");
     // A route for any host, where an upstream is chosen by host: its
     // requests go wherever their `Host` says, and check says so.
@@ -201,15 +202,48 @@ fn the_egress_example_loads_with_a_pod_svid() {
         "{stdout}"
     );
     assert_eq!(stdout.matches("chosen by host").count(), 1, "{stdout}");
+    // An upstream verified by the domain's bundle and a DNS name alone:
+    // any workload of the domain with that name in its SVID would pass.
+    let by_id = "spiffe_id: spiffe://example.org/ns/repos/sa/api";
+    assert!(text.contains(by_id));
+    let by_name = dir.path().join("by-name.yaml");
+    std::fs::write(
+        &by_name,
+        text.replacen(by_id, "ca: certs/example.org.bundle.pem", 1),
+    )
+    .expect("write");
+    let (code, stdout) = check(&by_name);
+    assert_eq!(code, Some(0), "a warning, not an error: {stdout}");
+    assert!(
+        stdout.contains(
+            "warning: upstreams[1].tls.ca: the SPIFFE bundle of `example.org`, with no \
+             `spiffe_id`: any workload of `example.org` whose SVID carries the name \
+             `repos.internal.example.org` passes for the upstream"
+        ),
+        "{stdout}"
+    );
+    // So does a bundle `trust_domains` does not list: its CA names the
+    // trust domain in its URI SAN.
+    let listed = "trust_domains:                      # verifies upstreams' SVIDs (below)\n  \
+                  - name: example.org\n    bundle: certs/example.org.bundle.pem\n";
+    assert!(text.contains(listed));
+    std::fs::write(
+        &by_name,
+        text.replacen(listed, "", 1)
+            .replacen(by_id, "ca: certs/example.org.bundle.pem", 1),
+    )
+    .expect("write");
+    let (code, stdout) = check(&by_name);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("warning: upstreams[1].tls.ca: the SPIFFE bundle of `example.org`"),
+        "{stdout}"
+    );
     // What `run` would refuse, `check` refuses too: an upstream CA that
     // holds no certificate, an audit log in a folder that is not there.
     std::fs::write(certs.join("garbage.pem"), "garbage").expect("write");
     for (from, to, expected) in [
-        (
-            "ca: certs/example.org.bundle.pem",
-            "ca: certs/garbage.pem",
-            "tls.ca",
-        ),
+        (by_id, "ca: certs/garbage.pem", "tls.ca"),
         (
             "  output: stdout",
             "  output: /nonexistent-folder/audit.log",

@@ -313,11 +313,7 @@ fn the_watcher_follows_the_files_a_reloaded_config_names_and_restart_only_change
     let decisions = Decisions::new(&w);
     let decide = || decisions.next();
     let rewrite = |change: &dyn Fn(&mut tether_config::Config)| {
-        let mut config = tether_config::Config::load(&sandbox.config).expect("config");
-        change(&mut config);
-        let tmp = sandbox.config.with_extension("tmp");
-        std::fs::write(&tmp, config.to_yaml()).expect("write");
-        std::fs::rename(&tmp, &sandbox.config).expect("swap");
+        support::rewrite_config(sandbox, change);
     };
 
     // The config now names a policy file the process did not start with.
@@ -407,6 +403,8 @@ fn a_changed_upstream_ca_file_is_refused_until_a_restart() {
             server_name: "other.example".into(),
             ca: Some(path),
             client_certificate: false,
+            spiffe_id: None,
+            trust_domain: None,
         };
         let other = tether_config::Upstream {
             name: Some("other".into()),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use support::{World, TRIAGE};
+use support::{post_reload, rewrite_config, World, TRIAGE};
 use tether::client::{Client, Response};
 use tether_config::{
     AgentSpec, AgentState, ClientAuth, Config, Expiry, JwksSource, JwtAlgorithm, TokenIssuer,
@@ -325,9 +325,11 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(body: String) -> JwksServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        JwksServer::start_on("127.0.0.1:0".parse().expect("address"), body).await
+    }
+
+    async fn start_on(addr: SocketAddr, body: String) -> JwksServer {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let body = Arc::new(Mutex::new(body));
         let fetches = Arc::new(AtomicUsize::new(0));
@@ -416,7 +418,6 @@ fn a_certificate_that_no_longer_verifies_is_not_taken_for_none() {
     // whose certificate Tether stopped believing (its CA removed by a
     // reload) is another thing: a token stolen from another agent must
     // not become the principal there, unbound.
-    use support::post_reload;
     use tether_config::TrustDomain;
     use tether_filters::identity::pki::Pki;
     const OTHER: &str = "spiffe://other.org/agents/x";
@@ -482,4 +483,105 @@ fn a_certificate_that_no_longer_verifies_is_not_taken_for_none() {
         200,
         "a token alone, on a connection without a certificate"
     );
+}
+
+#[test]
+fn issuers_are_added_and_removed_by_reload_with_their_keys_fetched_first() {
+    const SECOND: &str = "https://second.example.org";
+    let dir = tempfile::tempdir().expect("dir");
+    let (first_key, second_key) = (
+        Minter::es256("k1").expect("key"),
+        Minter::es256("k2").expect("key"),
+    );
+    let rt = support::runtime();
+    let server = rt.block_on(JwksServer::start(Minter::jwks(&[&second_key])));
+    let w = World::with(|c: &mut Config| {
+        c.reload.watch = false;
+        c.listener.client_auth = ClientAuth::Optional;
+        c.tokens.issuers = vec![issuer(jwks_file(dir.path(), &[&first_key]))];
+    });
+    let path = "/v1/repos/tether/issues";
+    let first = || first_key.token(&claims(TRIAGE));
+    let second = || {
+        let mut c = claims(TRIAGE);
+        c["iss"] = json!(SECOND);
+        second_key.token(&c)
+    };
+    let second_issuer = |url: String| TokenIssuer {
+        issuer: SECOND.into(),
+        ..issuer(jwks_url(url))
+    };
+    let reload = || rt.block_on(post_reload(w.sandbox.admin));
+    assert_eq!(bearer(&w, "GET", path, &first()).status, 200);
+    assert_refused(&bearer(&w, "GET", path, &second()), 401, "token_issuer");
+
+    // A new issuer: its keys are fetched before the new version serves,
+    // so its first token verifies.
+    rewrite_config(&w.sandbox, |c| {
+        c.tokens.issuers.push(second_issuer(server.url()));
+    });
+    let (status, body) = reload();
+    assert_eq!(status, 200, "{body}");
+    assert!(server.fetches.load(Ordering::SeqCst) >= 1, "fetched first");
+    let r = bearer(&w, "GET", path, &second());
+    assert_eq!(r.status, 200, "{r:?}");
+    let verified = first();
+    assert_eq!(bearer(&w, "GET", path, &verified).status, 200);
+
+    // A removed issuer is refused from the reload on, even a token it
+    // verified a moment ago.
+    rewrite_config(&w.sandbox, |c| {
+        c.tokens.issuers.remove(0);
+    });
+    let (status, body) = reload();
+    assert_eq!(status, 200, "{body}");
+    assert_refused(&bearer(&w, "GET", path, &verified), 401, "token_issuer");
+    assert_refused(&bearer(&w, "GET", path, &first()), 401, "token_issuer");
+    assert_eq!(bearer(&w, "GET", path, &second()).status, 200);
+
+    // A new issuer whose key server cannot be reached: the whole reload
+    // is refused, naming it, and the issuers serving go on serving.
+    const THIRD: &str = "https://third.example.org";
+    let third_key = Minter::es256("k3").expect("key");
+    let third = || {
+        let mut c = claims(TRIAGE);
+        c["iss"] = json!(THIRD);
+        third_key.token(&c)
+    };
+    let dead = tether::demo::free_port().expect("port");
+    let generation = w.metric("tether_config_generation");
+    rewrite_config(&w.sandbox, |c| {
+        c.tokens.issuers.push(TokenIssuer {
+            issuer: THIRD.into(),
+            ..issuer(jwks_url(format!("http://{dead}/keys")))
+        });
+        c.tokens
+            .issuers
+            .push(issuer(jwks_file(dir.path(), &[&first_key])));
+    });
+    let (status, body) = reload();
+    assert_eq!(status, 422, "{body}");
+    let text = body.to_string();
+    assert!(
+        text.contains("tokens.issuers[1].jwks.url")
+            && text.contains(&format!("the keys of `{THIRD}` could not be fetched")),
+        "{body}"
+    );
+    assert_eq!(w.metric("tether_config_last_reload_successful"), 0.0);
+    assert_eq!(w.metric("tether_config_generation"), generation);
+    assert_eq!(bearer(&w, "GET", path, &second()).status, 200);
+    assert_refused(&bearer(&w, "GET", path, &third()), 401, "token_issuer");
+    // Nothing of the refused version serves, the issuer re-added with it
+    // included.
+    assert_refused(&bearer(&w, "GET", path, &first()), 401, "token_issuer");
+
+    // Once the key server answers, the same version loads when tried
+    // again (no file changed; at most every `min_refetch_interval_ms`).
+    let _third_server = rt.block_on(JwksServer::start_on(dead, Minter::jwks(&[&third_key])));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (status, body) = reload();
+    assert_eq!(status, 200, "{body}");
+    for token in [first(), second(), third()] {
+        assert_eq!(bearer(&w, "GET", path, &token).status, 200);
+    }
 }

@@ -79,9 +79,10 @@ pub struct Config {
 }
 
 /// Hot reload. What reloads: `routes`, `registry`, `policy` and the files
-/// they name, the `trust_domains` bundles, JWKS files, and the listener's
-/// and the workload's certificates (rotation). Changes to other sections
-/// are reported and take effect at the next restart.
+/// they name, the `trust_domains` bundles, `tokens` (issuers, their JWKS
+/// files, URLs and CA files), and the listener's and the workload's
+/// certificates (rotation). Changes to other sections are reported and
+/// take effect at the next restart.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Reload {
@@ -222,11 +223,25 @@ pub struct Upstream {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
-    /// The name the upstream's certificate must carry (SNI and verification).
+    /// The name sent as SNI, which the upstream's certificate must carry
+    /// unless it is authorized by SPIFFE ID (`spiffe_id`, `trust_domain`).
     pub server_name: String,
     /// PEM bundle of CAs trusted for the upstream. Absent: the system roots.
+    /// Not with `spiffe_id` or `trust_domain`, which verify by the bundle
+    /// of `trust_domains[]`.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// The SPIFFE ID, or IDs, the upstream's X.509-SVID must carry, e.g.
+    /// `spiffe://example.org/ns/apis/sa/github`: its leaf must chain to the
+    /// bundle of the ID's trust domain in `trust_domains`, and its URI SAN
+    /// be one of these. Anything else fails the request.
+    #[serde(default)]
+    pub spiffe_id: Option<OneOrMany>,
+    /// Any SPIFFE ID of this trust domain, verified against its bundle in
+    /// `trust_domains`: for an API served by many workloads of one domain.
+    /// Not with `spiffe_id`.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
     /// Present the workload's X.509-SVID (`workload`) as the client
     /// certificate: mTLS from the pod to the API.
     #[serde(default)]
@@ -389,7 +404,7 @@ impl JwtAlgorithm {
 }
 
 /// Where an issuer's public keys come from: a JWKS file or URL.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwksSource {
     /// A JWKS file (e.g. a SPIRE bundle mounted from a ConfigMap); reloaded

@@ -317,3 +317,60 @@ fn routes_that_would_mean_less_than_they_say_are_refused() {
         );
     }
 }
+
+#[test]
+fn an_upstream_authorized_by_spiffe_id_names_ids_of_a_listed_trust_domain() {
+    let tls_errors = |tls: &str| {
+        let text = MINIMAL.replace(
+            "upstream:\n  address: 127.0.0.1:8080\n",
+            &format!("upstream:\n  address: 127.0.0.1:8080\n  tls: {tls}\n"),
+        );
+        assert!(text.contains(tls), "the upstream was replaced");
+        parse(&text)
+            .expect("parses")
+            .validate()
+            .into_iter()
+            .filter(|e| e.field.starts_with("upstream.tls"))
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect::<Vec<_>>()
+    };
+    for good in [
+        "{server_name: api, spiffe_id: spiffe://example.org/api}",
+        "{server_name: api, spiffe_id: [spiffe://example.org/a, spiffe://example.org/b]}",
+        "{server_name: api, trust_domain: example.org}",
+    ] {
+        assert_eq!(tls_errors(good), Vec::<String>::new(), "{good}");
+    }
+    for (bad, expected) in [
+        (
+            "{server_name: api, spiffe_id: spiffe://other.org/api}",
+            "upstream.tls: trust domain `other.org` is not in `trust_domains`",
+        ),
+        (
+            "{server_name: api, trust_domain: other.org}",
+            "upstream.tls: trust domain `other.org` is not in `trust_domains`",
+        ),
+        (
+            "{server_name: api, spiffe_id: 'spiffe://example.org'}",
+            "upstream.tls.spiffe_id: `spiffe://example.org` names a trust domain",
+        ),
+        (
+            "{server_name: api, spiffe_id: []}",
+            "upstream.tls.spiffe_id: names no ID",
+        ),
+        (
+            "{server_name: api, spiffe_id: spiffe://example.org/api, trust_domain: example.org}",
+            "upstream.tls.trust_domain: not with `spiffe_id`",
+        ),
+        (
+            "{server_name: api, spiffe_id: spiffe://example.org/api, ca: bundle.pem}",
+            "upstream.tls.ca: not with `spiffe_id` or `trust_domain`",
+        ),
+    ] {
+        let errors = tls_errors(bad);
+        assert!(
+            errors.iter().any(|e| e.starts_with(expected)),
+            "{bad}: {errors:?}"
+        );
+    }
+}

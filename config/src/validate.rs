@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::spiffe::{check_trust_domain, SpiffeId};
-use crate::{AgentSpec, ClientAuth, Config, ConfigError, Mode, TokenKind};
+use crate::{AgentSpec, ClientAuth, Config, ConfigError, Mode, TokenKind, UpstreamTls};
 
 /// HTTP methods a route may name.
 const METHODS: &[&str] = &[
@@ -321,7 +321,60 @@ fn check_upstreams(p: &mut Problems<'_>, c: &Config) {
                     "needs `workload`: the SVID to present",
                 );
             }
+            check_upstream_spiffe(p, c, field, tls);
         }
+    }
+}
+
+/// An upstream authorized by SPIFFE ID: which IDs, and the bundle of
+/// their trust domain, which must be one of `trust_domains`.
+fn check_upstream_spiffe(p: &mut Problems<'_>, c: &Config, field: &str, tls: &UpstreamTls) {
+    let mut domains = Vec::new();
+    match (&tls.spiffe_id, &tls.trust_domain) {
+        (Some(_), Some(_)) => p.push(
+            format!("{field}.tls.trust_domain"),
+            "not with `spiffe_id`, whose IDs name their trust domain: give one or the other",
+        ),
+        (Some(ids), None) => {
+            if ids.values().is_empty() {
+                p.push(
+                    format!("{field}.tls.spiffe_id"),
+                    "names no ID, so no upstream could ever be accepted: leave it out",
+                );
+            }
+            for id in ids.values() {
+                match SpiffeId::parse(id) {
+                    Ok(id) => domains.push(id.trust_domain().to_string()),
+                    Err(e) => p.push(format!("{field}.tls.spiffe_id"), e),
+                }
+            }
+        }
+        (None, Some(td)) => match check_trust_domain(td) {
+            Ok(()) => domains.push(td.clone()),
+            Err(e) => p.push(format!("{field}.tls.trust_domain"), e),
+        },
+        (None, None) => return,
+    }
+    if tls.ca.is_some() {
+        p.push(
+            format!("{field}.tls.ca"),
+            "not with `spiffe_id` or `trust_domain`: the upstream's SVID is verified against \
+             the bundle of its trust domain in `trust_domains`",
+        );
+    }
+    domains.sort();
+    domains.dedup();
+    for domain in domains
+        .iter()
+        .filter(|d| !c.trust_domains.iter().any(|td| td.name == **d))
+    {
+        p.push(
+            format!("{field}.tls"),
+            format!(
+                "trust domain `{domain}` is not in `trust_domains`, whose bundle would verify \
+                 the upstream's SVID"
+            ),
+        );
     }
 }
 

@@ -12,7 +12,6 @@ use pingora_http::RequestHeader;
 use tether_config::Config;
 use tether_filters::authorize::{Authorize, DecisionCache, DecisionInput, PolicySource};
 use tether_filters::credentials::Credentials;
-use tether_filters::identity::jwt::TokenVerifier;
 use tether_filters::identity::pki::Pki;
 use tether_filters::identity::{Identity, PeerIdentity};
 use tether_filters::lifecycle::Lifecycle;
@@ -131,12 +130,12 @@ impl World {
     /// The stages of the proxy's `chain()` (proxy/src/app.rs) before
     /// authorize, in its order: keep the two in step.
     pub fn stages_before_authorize(&self) -> Vec<Box<dyn Filter>> {
-        // No token issuers are configured: callers prove who they are with
-        // their SVID alone. Token verification has its own benchmark.
-        let tokens = Arc::new(TokenVerifier::new(&self.config.tokens, Vec::new()));
+        // No token issuers are configured (the snapshot has none):
+        // callers prove who they are with their SVID alone. Token
+        // verification has its own benchmark.
         vec![
             Box::new(Sanitize),
-            Box::new(Identity::new(tokens, false)),
+            Box::new(Identity::new(false)),
             Box::new(Lifecycle),
             Box::new(Routing),
             Box::new(Mcp),

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub spans_dropped: IntCounter,
     /// Client certificates refused during the TLS handshake, by reason.
     pub client_cert_rejected: IntCounterVec,
+    /// Upstream certificates refused, by upstream and reason.
+    pub upstream_cert_rejected: IntCounterVec,
     /// The generation of the snapshot serving requests.
     pub config_generation: IntGauge,
     /// Reloads refused because the new version was invalid.
@@ -126,6 +128,14 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(client_cert_rejected.clone()))?;
+        let upstream_cert_rejected = IntCounterVec::new(
+            Opts::new(
+                "tether_upstream_cert_rejected_total",
+                "Upstream certificates refused during the TLS handshake (an upstream authorized by SPIFFE ID), by upstream and reason.",
+            ),
+            &["upstream", "reason"],
+        )?;
+        registry.register(Box::new(upstream_cert_rejected.clone()))?;
         let certificate_expiry = IntGaugeVec::new(
             Opts::new(
                 "tether_certificate_expiry_seconds",
@@ -175,6 +185,7 @@ impl Metrics {
                 "Requests where the shadow policies decided differently from the enforced ones.",
             )?,
             client_cert_rejected,
+            upstream_cert_rejected,
             registry,
         })
     }

@@ -1,18 +1,21 @@
 //! One version of everything a request is decided against: registry,
-//! routes and policies, built and validated in full before it serves.
+//! routes, policies and token issuers, built and validated in full before
+//! it serves.
 //! Requests hold the snapshot they started with, so a reload never shows a
 //! request a mix of two versions.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use cedar_policy::EntityTypeName;
-use tether_config::{Config, ConfigError, ConfigErrors};
+use tether_config::{Config, ConfigError, ConfigErrors, Tokens};
 
 use crate::authorize::{PolicyEngine, PolicySource};
+use crate::identity::jwt::TokenVerifier;
 use crate::lifecycle::Registry;
 use crate::route::{qualified, RouteTable};
 
-/// Registry, routes and policies of one generation.
+/// Registry, routes, policies and token issuers of one generation.
 pub struct Snapshot {
     /// Bumped by every reload; part of every decision cache key.
     pub generation: u64,
@@ -22,6 +25,9 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// The Cedar schema, policies and principal entities.
     pub policy: PolicyEngine,
+    /// The bearer-token issuers and their keys: none until the proxy,
+    /// which reads and fetches the keys, gives them ([`Self::with_tokens`]).
+    pub tokens: Arc<TokenVerifier>,
 }
 
 impl Snapshot {
@@ -104,6 +110,12 @@ impl Snapshot {
             registry,
             routes,
             policy,
+            tokens: Arc::new(TokenVerifier::new(&Tokens::default(), Vec::new())),
         })
+    }
+
+    /// This snapshot, accepting the tokens `tokens` verifies.
+    pub fn with_tokens(self, tokens: Arc<TokenVerifier>) -> Snapshot {
+        Snapshot { tokens, ..self }
     }
 }

@@ -129,10 +129,9 @@ pub fn peer(id: &str) -> PeerIdentity {
     }
 }
 
-/// The identity stage with no token issuers.
+/// The identity stage (its token issuers are the snapshot's: none).
 pub fn identity() -> crate::identity::Identity {
-    let tokens = crate::identity::jwt::TokenVerifier::new(&Default::default(), Vec::new());
-    crate::identity::Identity::new(Arc::new(tokens), false)
+    crate::identity::Identity::new(false)
 }
 
 /// The decision input of a request by `agent` for `method path`.

@@ -6,14 +6,13 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use tether_config::{ClientAuth, Config, ConfigErrors, Mode};
 use tether_filters::authorize::{Authorize, DecisionCache};
 use tether_filters::credentials::Credentials;
-use tether_filters::identity::jwks::KeySource;
 use tether_filters::identity::jwt::TokenVerifier;
 use tether_filters::identity::tls::SpiffeClientVerifier;
 use tether_filters::identity::Identity;
@@ -49,10 +48,8 @@ pub struct App {
     pub telemetry: Telemetry,
     /// The listener's client verifier, whose bundles reload.
     pub verifier: Arc<SpiffeClientVerifier>,
-    /// Bearer-token issuers and their keys.
-    pub tokens: Arc<TokenVerifier>,
-    /// Each issuer's key source, in config order.
-    key_sources: Vec<Arc<KeySource>>,
+    /// Keeps the issuers' URL key sources fresh.
+    fetcher: jwks::Fetcher,
     /// The listener's certificate, when it serves TLS; rotates.
     pub server_cert: Option<Arc<ServerCert>>,
     /// Egress: the pod's own SVID; rotates.
@@ -61,8 +58,8 @@ pub struct App {
     bundle_expiry: Mutex<Vec<(String, i64)>>,
     /// Serializes reloads; what the watcher compares against.
     reload_state: Mutex<Watched>,
-    /// The CA files of the upstreams and of JWKS fetches as the process
-    /// read them at start: only a restart applies a change to them.
+    /// The CA files of the upstreams as the process read them at start:
+    /// only a restart applies a change to them.
     restart_only_files: u64,
     /// Requests begun and not yet recorded (see `proxy::Ctx`).
     pub in_flight: AtomicUsize,
@@ -77,16 +74,21 @@ struct Watched {
     /// The config serving now: the files to watch are the ones it names,
     /// not those the process started with.
     config: Config,
+    /// The key sources of its token issuers.
+    keys: jwks::IssuerKeys,
+    /// When the refused version may be tried again although no file
+    /// changed, and the wait before that: it was refused because a key
+    /// server could not be reached, which may change by itself.
+    retry: Option<(Instant, Duration)>,
 }
+
+/// The longest wait before a version refused for want of keys is tried
+/// again.
+const MAX_KEY_RETRY: Duration = Duration::from_secs(60);
 
 /// The stages every request passes, in order. Each stands where it does
 /// because it needs what the ones before it established.
-pub fn chain(
-    config: &Config,
-    cache: Arc<DecisionCache>,
-    metrics: &Metrics,
-    tokens: Arc<TokenVerifier>,
-) -> Chain {
+pub fn chain(config: &Config, cache: Arc<DecisionCache>, metrics: &Metrics) -> Chain {
     // Ingress with `client_auth: required`: every request's connection has
     // a valid SVID (egress requests carry the pod's own).
     let certificate_required =
@@ -97,7 +99,7 @@ pub fn chain(
         Box::new(Sanitize),
         // Who is calling: the verified SVID and bearer token, bound to
         // each other when both are present.
-        Box::new(Identity::new(tokens, certificate_required)),
+        Box::new(Identity::new(certificate_required)),
         // Who answers for it: registered, owned, active, unexpired.
         Box::new(Lifecycle),
         // What it is doing: method and normalized path to action and resource.
@@ -121,8 +123,11 @@ impl App {
         // seen by the first poll, not taken for what serves.
         let seen = fingerprint(config_path, &config);
         let restart_only = restart_only_files(&config);
-        let snapshot =
-            Snapshot::load(&config, config_path, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let keys = jwks::load(&config.tokens)?;
+        let tokens = Arc::new(TokenVerifier::new(&config.tokens, keys.sources()));
+        let snapshot = Snapshot::load(&config, config_path, 1)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_tokens(tokens);
         let metrics = Arc::new(Metrics::new().context("registering metrics")?);
         metrics.config_generation.set(1);
         metrics.config_last_reload_successful.set(1);
@@ -133,8 +138,6 @@ impl App {
             config.listener.client_auth == ClientAuth::Required,
             metrics.client_cert_rejected.clone(),
         ));
-        let key_sources = jwks::sources(&config.tokens)?;
-        let tokens = Arc::new(TokenVerifier::new(&config.tokens, key_sources.clone()));
         let server_cert = match &config.listener.tls {
             Some(t) => Some(Arc::new(
                 ServerCert::load(&t.cert, &t.key).context("listener.tls")?,
@@ -163,13 +166,15 @@ impl App {
             .context("starting OpenTelemetry export")?;
         Ok(App {
             config_path: config_path.to_path_buf(),
-            chain: chain(&config, cache.clone(), &metrics, tokens.clone()),
+            chain: chain(&config, cache.clone(), &metrics),
             snapshot: ArcSwap::from_pointee(snapshot),
             restart_only_files: restart_only,
             reload_state: Mutex::new(Watched {
                 fingerprint: seen,
                 refused: None,
                 config: config.clone(),
+                keys,
+                retry: None,
             }),
             config,
             metrics,
@@ -177,8 +182,7 @@ impl App {
             audit,
             telemetry,
             verifier,
-            tokens,
-            key_sources,
+            fetcher: jwks::Fetcher::start()?,
             server_cert,
             workload,
             bundle_expiry: Mutex::new(bundle_expiry),
@@ -197,18 +201,19 @@ impl App {
     }
 
     /// Starts what runs beside the proxy: the reload and rotation watcher
-    /// and the JWKS fetcher.
+    /// and the fetches of the issuers' URL key sources.
     pub fn start_background(self: &Arc<Self>) -> anyhow::Result<()> {
-        let url_sources = self
-            .config
-            .tokens
-            .issuers
-            .iter()
-            .zip(self.key_sources.iter().cloned())
-            .filter(|(issuer, _)| issuer.jwks.url.is_some())
-            .map(|(issuer, source)| (source, issuer.jwks.clone()))
-            .collect();
-        jwks::start_fetcher(url_sources)?;
+        {
+            let watched = self
+                .reload_state
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (source, config) in watched.keys.urls() {
+                if !self.fetcher.is_fetching(source) {
+                    self.fetcher.keep_fresh(source.clone(), config, false)?;
+                }
+            }
+        }
         self.watch();
         Ok(())
     }
@@ -247,9 +252,10 @@ impl App {
         }
     }
 
-    /// Reloads policies, schema, registry, routes and trust bundles, all or
-    /// nothing: the new version is read and validated in full before it
-    /// replaces the old; if anything is wrong the old one keeps serving.
+    /// Reloads policies, schema, registry, routes, token issuers and trust
+    /// bundles, all or nothing: the new version is read and validated in
+    /// full (a new issuer's keys fetched) before it replaces the old; if
+    /// anything is wrong the old one keeps serving.
     /// Returns the generation now serving, and whether this call loaded
     /// it: when no file changed since the last successful load, nothing is
     /// read again (a caller that can reach the admin port, as an egress
@@ -270,11 +276,16 @@ impl App {
         // poll reloads once more, to the same effect.)
         let seen = fingerprint(&self.config_path, &watched.config);
         if seen == watched.fingerprint {
-            return match &watched.refused {
-                Some(refused) => Err(refused.clone()),
-                None => Ok((current, false)),
-            };
+            let due = watched.retry.is_some_and(|(at, _)| Instant::now() >= at);
+            match &watched.refused {
+                Some(refused) if !due => return Err(refused.clone()),
+                Some(_) => {}
+                None => return Ok((current, false)),
+            }
         }
+        let mut retry_after = None;
+        let running = &watched.keys;
+        let running_tokens = &watched.config.tokens;
         let attempt = (|| {
             let config = Config::load(&self.config_path)?;
             let error = |field: &str, e: anyhow::Error| {
@@ -289,7 +300,7 @@ impl App {
             if restart_only_files(&config) != self.restart_only_files {
                 // A CA dropped from the file (rotated, or compromised)
                 // must not stay trusted while the reload says it is done.
-                restart_only.push("the CA files of upstreams (tls.ca) or JWKS fetches (jwks.ca)");
+                restart_only.push("the CA files of upstreams (tls.ca)");
             }
             if !restart_only.is_empty() {
                 // Applying the rest would leave these silently as they
@@ -304,40 +315,56 @@ impl App {
             }
             let snapshot = Snapshot::load(&config, &self.config_path, current + 1)?;
             let trust = tls::trust_store(&config).map_err(|e| error("trust_domains", e))?;
-            // JWKS files of the running issuers (issuers themselves change
-            // at restart), all read before any is replaced.
-            let mut key_sets = Vec::new();
-            for (issuer, source) in self
-                .config
-                .tokens
-                .issuers
-                .iter()
-                .zip(self.key_sources.iter().cloned())
-            {
-                if let Some(file) = &issuer.jwks.file {
-                    key_sets.push((
-                        source,
-                        jwks::read_file(file).map_err(|e| error("tokens", e))?,
-                    ));
-                }
-            }
-            Ok((config, snapshot, trust, key_sets))
+            // Last, as it may wait on key servers: every issuer's keys,
+            // read or fetched before any is replaced.
+            let prepared = jwks::prepare(&config.tokens, running, &self.fetcher).map_err(|e| {
+                retry_after = e.retry_after;
+                error(&e.field, e.error)
+            })?;
+            // Unchanged issuers keep their verifier, and the tokens it
+            // has verified.
+            let same_issuers = serde_json::to_value(&config.tokens).ok()
+                == serde_json::to_value(running_tokens).ok();
+            let tokens = if same_issuers && prepared.same_sources_as(running) {
+                self.snapshot.load().tokens.clone()
+            } else {
+                Arc::new(TokenVerifier::new(&config.tokens, prepared.keys.sources()))
+            };
+            Ok((config, snapshot.with_tokens(tokens), trust, prepared))
         })();
         match attempt {
-            Ok((config, snapshot, (trust, bundle_expiry), key_sets)) => {
+            Ok((config, snapshot, (trust, bundle_expiry), prepared)) => {
+                let jwks::Prepared {
+                    keys,
+                    file_sets,
+                    new_urls,
+                    dropped,
+                } = prepared;
                 *watched = Watched {
                     fingerprint: seen,
                     refused: None,
                     config,
+                    keys,
+                    retry: None,
                 };
                 // Keys and bundles first: a new agent's credentials must
                 // verify by the time its registration is live.
-                for (source, set) in key_sets {
+                for (source, set) in file_sets {
                     source.store(set);
                 }
                 self.verifier.replace(trust);
                 *self.bundle_expiry.lock().unwrap_or_else(|p| p.into_inner()) = bundle_expiry;
                 self.snapshot.store(Arc::new(snapshot));
+                // A removed issuer is refused from the swap on; its keys
+                // are no longer fetched.
+                for source in &dropped {
+                    self.fetcher.stop(source);
+                }
+                for (source, config) in new_urls {
+                    if let Err(e) = self.fetcher.keep_fresh(source, &config, true) {
+                        log::error!("JWKS: cannot keep the keys fresh: {e:#}");
+                    }
+                }
                 let generation = current + 1;
                 self.metrics.config_generation.set(generation as i64);
                 self.metrics.config_last_reload_successful.set(1);
@@ -350,7 +377,17 @@ impl App {
             Err(errors) => {
                 // Remember this version and why it was refused: neither
                 // the watcher nor a POST (which an egress pod's agent can
-                // send) parses it again until a file changes.
+                // send) parses it again until a file changes, or, when a
+                // key server could not be reached, until it is due to be
+                // tried again (sooner the first time, then backing off).
+                let again = seen == watched.fingerprint;
+                watched.retry = retry_after.map(|first| {
+                    let wait = match watched.retry {
+                        Some((_, last)) if again => (last * 2).min(MAX_KEY_RETRY),
+                        _ => first,
+                    };
+                    (Instant::now() + wait, wait)
+                });
                 watched.fingerprint = seen;
                 watched.refused = Some(errors.clone());
                 self.metrics.config_reload_failures.inc();
@@ -379,8 +416,10 @@ impl App {
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner());
                     // The files the serving config names, as reload()
-                    // fingerprints them.
+                    // fingerprints them; or a version refused for want
+                    // of keys, due to be tried again.
                     fingerprint(&app.config_path, &watched.config) != watched.fingerprint
+                        || watched.retry.is_some_and(|(at, _)| Instant::now() >= at)
                 };
                 if changed {
                     let _ = app.reload();
@@ -402,7 +441,6 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
             ("mode", serde_json::to_value(c.mode).ok()),
             ("upstream", serde_json::to_value(&c.upstream).ok()),
             ("upstreams", serde_json::to_value(&c.upstreams).ok()),
-            ("tokens", serde_json::to_value(&c.tokens).ok()),
             ("workload", serde_json::to_value(&c.workload).ok()),
             ("cache", serde_json::to_value(&c.cache).ok()),
             ("telemetry", serde_json::to_value(&c.telemetry).ok()),
@@ -458,8 +496,9 @@ fn fingerprint(config_path: &Path, config: &Config) -> u64 {
         file(&td.bundle);
     }
     for issuer in &config.tokens.issuers {
-        if let Some(jwks) = &issuer.jwks.file {
-            file(jwks);
+        // A changed CA file makes the issuer's keys be fetched again.
+        for path in [&issuer.jwks.file, &issuer.jwks.ca].into_iter().flatten() {
+            file(path);
         }
     }
     restart_only_files(config).hash(&mut h);
@@ -467,18 +506,13 @@ fn fingerprint(config_path: &Path, config: &Config) -> u64 {
 }
 
 /// Hashes the contents of the CA files read once at start: every
-/// upstream's `tls.ca` and every JWKS fetch's `jwks.ca`.
+/// upstream's `tls.ca`.
 fn restart_only_files(config: &Config) -> u64 {
     let mut h = DefaultHasher::new();
     let upstreams = config
         .all_upstreams()
         .filter_map(|u| u.tls.as_ref()?.ca.as_ref());
-    let jwks = config
-        .tokens
-        .issuers
-        .iter()
-        .filter_map(|i| i.jwks.ca.as_ref());
-    for ca in upstreams.chain(jwks) {
+    for ca in upstreams {
         ca.hash(&mut h);
         std::fs::read(ca).ok().hash(&mut h);
     }

@@ -13,11 +13,13 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use pingora::utils::tls::CertKey;
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject as _};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::SignatureScheme;
 use tether_filters::identity::PeerIdentity;
 
 /// A certificate chain and key read from PEM files, checked to belong
@@ -176,12 +178,22 @@ pub struct WorkloadSvid {
     current: ArcSwap<Workload>,
 }
 
+impl std::fmt::Debug for WorkloadSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadSvid")
+            .field("cert", &self.files.cert)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One version of the workload SVID.
 pub struct Workload {
     /// Its SPIFFE ID and thumbprint.
     pub identity: Arc<PeerIdentity>,
     /// The certificate and key for pingora's upstream TLS.
     pub cert_key: Arc<CertKey>,
+    /// The same, for the TLS Tether makes itself (see `upstreams`).
+    certified: Arc<CertifiedKey>,
 }
 
 impl WorkloadSvid {
@@ -215,6 +227,22 @@ impl WorkloadSvid {
     }
 }
 
+/// The SVID shown to upstreams authorized by SPIFFE ID: the current one
+/// at each handshake.
+impl ResolvesClientCert for WorkloadSvid {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 fn workload(pair: LoadedPair) -> anyhow::Result<Workload> {
     let identity = PeerIdentity::from_leaf_der(&pair.chain[0])
         .map_err(|e| anyhow::anyhow!("workload.cert is not an X.509-SVID: {e}"))?;
@@ -225,6 +253,7 @@ fn workload(pair: LoadedPair) -> anyhow::Result<Workload> {
     Ok(Workload {
         identity: Arc::new(identity),
         cert_key: Arc::new(cert_key),
+        certified: pair.certified,
     })
 }
 

@@ -2,9 +2,15 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
+use rustls::pki_types::CertificateDer;
 use tether_config::Config;
+use tether_filters::identity::tls::SpiffeClientVerifier;
+use tether_filters::record::Metrics;
 use tether_filters::Snapshot;
+
+use crate::upstreams::{SpiffeUpstreams, Upstreams};
 
 /// Whether `run` could append audit lines to `output`, found without
 /// creating anything: an existing file opens for appending, a new one's
@@ -44,12 +50,15 @@ pub fn run(config_path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
         Ok(s) => s,
         Err(errors) => return Ok(report(&errors.to_string())),
     };
-    if let Err(e) = crate::tls::trust_store(&config) {
-        return Ok(report(&format!(
-            "{}: trust_domains: {e:#}",
-            config_path.display()
-        )));
-    }
+    let trust = match crate::tls::trust_store(&config) {
+        Ok((store, _)) => store,
+        Err(e) => {
+            return Ok(report(&format!(
+                "{}: trust_domains: {e:#}",
+                config_path.display()
+            )))
+        }
+    };
     // The files a start would load: each pair must match, each key set
     // must hold a usable key.
     let pairs = [
@@ -72,10 +81,34 @@ pub fn run(config_path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
             }
         }
     }
-    if let Err(e) = crate::jwks::sources(&config.tokens) {
+    if let Err(e) = crate::jwks::load(&config.tokens) {
         return Ok(report(&format!("{}: {e:#}", config_path.display())));
     }
-    if let Err(e) = crate::upstreams::Upstreams::new(&config) {
+    let workload = match &config.workload {
+        Some(w) => match crate::certs::WorkloadSvid::load(&w.cert, &w.key) {
+            Ok(svid) => Some(Arc::new(svid)),
+            Err(e) => {
+                return Ok(report(&format!(
+                    "{}: workload: {e:#}",
+                    config_path.display()
+                )))
+            }
+        },
+        None => None,
+    };
+    // Counters no one reads: `check` makes no connection.
+    let metrics = Metrics::new()?;
+    let spiffe = SpiffeUpstreams {
+        bundles: Arc::new(SpiffeClientVerifier::new(
+            trust,
+            Arc::new(rustls::crypto::ring::default_provider()),
+            true,
+            metrics.client_cert_rejected.clone(),
+        )),
+        workload,
+        rejected: metrics.upstream_cert_rejected,
+    };
+    if let Err(e) = Upstreams::new(&config, &spiffe) {
         return Ok(report(&format!("{}: {e:#}", config_path.display())));
     }
     if let Err(e) = audit_output_writable(&config.audit.output) {
@@ -99,7 +132,10 @@ pub fn run(config_path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
             config.admin.address
         )?;
     }
-    for (subject, message) in routes_any_upstream_may_take(&config) {
+    let warnings = routes_any_upstream_may_take(&config)
+        .into_iter()
+        .chain(upstreams_trusting_a_spiffe_bundle(&config));
+    for (subject, message) in warnings {
         writeln!(
             out,
             "{}: warning: {subject}: {message}",
@@ -171,6 +207,71 @@ fn routes_any_upstream_may_take(config: &Config) -> Vec<(String, String)> {
         }
     }
     found
+}
+
+/// Upstreams verified by DNS name against a CA file that is a SPIFFE
+/// trust bundle (it shares a CA with a `trust_domains` bundle, or a CA in
+/// it names a trust domain in its URI SAN): any workload of that domain
+/// whose SVID carries the name passes, which only a SPIFFE ID settles.
+fn upstreams_trusting_a_spiffe_bundle(config: &Config) -> Vec<(String, String)> {
+    let bundles: Vec<(&str, Vec<CertificateDer<'static>>)> = config
+        .trust_domains
+        .iter()
+        .map(|td| {
+            let certs = crate::tls::read_certs(&td.bundle).unwrap_or_default();
+            (td.name.as_str(), certs)
+        })
+        .collect();
+    let fields = match &config.upstream {
+        Some(_) => vec!["upstream".to_string()],
+        None => (0..config.upstreams.len())
+            .map(|i| format!("upstreams[{i}]"))
+            .collect(),
+    };
+    let mut found = Vec::new();
+    for (field, upstream) in fields.into_iter().zip(config.all_upstreams()) {
+        let Some(tls) = &upstream.tls else { continue };
+        let Some(ca) = &tls.ca else { continue };
+        if tls.spiffe_id.is_some() || tls.trust_domain.is_some() {
+            continue;
+        }
+        let certs = crate::tls::read_certs(ca).unwrap_or_default();
+        let shared = bundles
+            .iter()
+            .find(|(_, bundle)| certs.iter().any(|c| bundle.contains(c)))
+            .map(|(name, _)| name.to_string());
+        let Some(domain) = shared.or_else(|| certs.iter().find_map(|c| named_trust_domain(c)))
+        else {
+            continue;
+        };
+        found.push((
+            format!("{field}.tls.ca"),
+            format!(
+                "the SPIFFE bundle of `{domain}`, with no `spiffe_id`: any workload of \
+                 `{domain}` whose SVID carries the name `{}` passes for the upstream; set \
+                 `tls.spiffe_id` to the upstream's own ID (or `tls.trust_domain` to accept \
+                 any of the domain)",
+                tls.server_name
+            ),
+        ));
+    }
+    found
+}
+
+/// The trust domain a SPIFFE CA certificate names in its URI SAN.
+fn named_trust_domain(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    if !cert.is_ca() {
+        return None;
+    }
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => uri
+            .strip_prefix("spiffe://")
+            .map(|td| td.trim_end_matches('/').to_string())
+            .filter(|td| !td.is_empty() && !td.contains('/')),
+        _ => None,
+    })
 }
 
 fn report(errors: &str) -> bool {

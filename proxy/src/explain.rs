@@ -13,7 +13,6 @@ use serde::Deserialize;
 use tether_config::spiffe::SpiffeId;
 use tether_config::Config;
 use tether_filters::authorize::DecisionCache;
-use tether_filters::identity::jwt::TokenVerifier;
 use tether_filters::identity::PeerIdentity;
 use tether_filters::record::{AuditRecord, Metrics};
 use tether_filters::{Chain, Progress, Reason, RequestCtx, Snapshot};
@@ -96,13 +95,8 @@ impl Explainer {
         Ok(Explainer {
             snapshot: Arc::new(snapshot),
             // Explained requests name their agent as an SVID would; tokens
-            // are not part of the question.
-            chain: crate::app::chain(
-                &config,
-                cache,
-                &metrics,
-                Arc::new(TokenVerifier::new(&Default::default(), Vec::new())),
-            ),
+            // are not part of the question (the snapshot has no issuers).
+            chain: crate::app::chain(&config, cache, &metrics),
         })
     }
 

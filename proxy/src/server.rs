@@ -12,7 +12,7 @@ use crate::admin::AdminApp;
 use crate::app::App;
 use crate::proxy::TetherProxy;
 use crate::tls;
-use crate::upstreams::Upstreams;
+use crate::upstreams::{SpiffeUpstreams, Upstreams};
 
 /// Loads the config and serves until told to stop.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -27,7 +27,14 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let upstreams = Upstreams::new(config)?;
+    let upstreams = Upstreams::new(
+        config,
+        &SpiffeUpstreams {
+            bundles: app.verifier.clone(),
+            workload: app.workload.clone(),
+            rejected: app.metrics.upstream_cert_rejected.clone(),
+        },
+    )?;
     let described = upstreams.describe();
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

@@ -78,7 +78,7 @@ impl World {
     }
 }
 
-/// `POST /reload` on the admin listener: its status and JSON answer.
+/// `POST /reload` at `admin`: the status and the JSON answer.
 pub async fn post_reload(admin: std::net::SocketAddr) -> (u16, serde_json::Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
@@ -91,4 +91,14 @@ pub async fn post_reload(admin: std::net::SocketAddr) -> (u16, serde_json::Value
     s.read_to_end(&mut raw).await.expect("read");
     let r = tether::client::parse_response(&raw).expect("response");
     (r.status, r.json().expect("json"))
+}
+
+/// Rewrites the sandbox's config file with `change` applied, in one
+/// step (a watcher never sees it half written).
+pub fn rewrite_config(sandbox: &Sandbox, change: impl FnOnce(&mut Config)) {
+    let mut config = Config::load(&sandbox.config).expect("config");
+    change(&mut config);
+    let tmp = sandbox.config.with_extension("tmp");
+    std::fs::write(&tmp, config.to_yaml()).expect("write");
+    std::fs::rename(&tmp, &sandbox.config).expect("swap");
 }

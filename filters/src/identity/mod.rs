@@ -28,27 +28,30 @@ use self::jwt::{TokenVerifier, VerifiedToken};
 use crate::{Denial, Filter, IdentityKind, Principal, Reason, RequestCtx};
 
 /// Turns the verified SVID and bearer token into the request's principal.
+/// The token issuers are those of the request's snapshot: a reload that
+/// adds or removes one applies from the next request on.
 pub struct Identity {
-    tokens: Arc<TokenVerifier>,
     /// `listener.client_auth: required`: a request whose connection has no
     /// valid SVID is refused, token or not.
     certificate_required: bool,
 }
 
 impl Identity {
-    /// Identity from SVIDs and from the tokens `tokens` verifies; with
+    /// Identity from SVIDs and from the snapshot's token issuers; with
     /// `certificate_required`, every request needs a valid SVID.
-    pub fn new(tokens: Arc<TokenVerifier>, certificate_required: bool) -> Identity {
+    pub fn new(certificate_required: bool) -> Identity {
         Identity {
-            tokens,
             certificate_required,
         }
     }
 
     /// The bearer token, if the request carries one for Tether. Without
     /// configured issuers, `Authorization` belongs to the upstream.
-    fn bearer<'a>(&self, req: &'a RequestHeader) -> Result<Option<&'a str>, Denial> {
-        if self.tokens.is_empty() {
+    fn bearer<'a>(
+        tokens: &TokenVerifier,
+        req: &'a RequestHeader,
+    ) -> Result<Option<&'a str>, Denial> {
+        if tokens.is_empty() {
             return Ok(None);
         }
         let mut values = req.headers.get_all(http::header::AUTHORIZATION).iter();
@@ -86,9 +89,10 @@ impl Filter for Identity {
         "identity"
     }
 
-    fn keys_to_refetch(&self, req: &RequestHeader, _ctx: &RequestCtx) -> Option<Arc<KeySource>> {
-        let token = self.bearer(req).ok()??;
-        self.tokens.refetch_for(token, Instant::now())
+    fn keys_to_refetch(&self, req: &RequestHeader, ctx: &RequestCtx) -> Option<Arc<KeySource>> {
+        let tokens = &ctx.snapshot.tokens;
+        let token = Identity::bearer(tokens, req).ok()??;
+        tokens.refetch_for(token, Instant::now())
     }
 
     fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
@@ -127,9 +131,10 @@ impl Filter for Identity {
                 ));
             }
         }
-        let token = match self.bearer(req)? {
+        let tokens = &ctx.snapshot.tokens;
+        let token = match Identity::bearer(tokens, req)? {
             None => None,
-            Some(token) => Some(self.tokens.verify(token, now, Instant::now())?),
+            Some(token) => Some(tokens.verify(token, now, Instant::now())?),
         };
         ctx.principal = Some(match (token, &ctx.peer) {
             (None, None) => {
@@ -251,8 +256,7 @@ mod tests {
 
     #[test]
     fn a_required_certificate_is_required_of_every_request() {
-        let tokens = Arc::new(TokenVerifier::new(&Default::default(), Vec::new()));
-        let denial = Identity::new(tokens, true)
+        let denial = Identity::new(true)
             .apply(&mut testing::get("/"), &mut testing::ctx())
             .expect_err("denied");
         assert_eq!(denial.reason, Reason::NoIdentity);

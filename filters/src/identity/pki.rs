@@ -86,6 +86,23 @@ impl Pki {
         self.issue(params)
     }
 
+    /// An X.509-SVID for `id` that also carries the DNS names (or IP
+    /// addresses) `names`, as a workload serving TLS under both.
+    pub fn server_svid(&self, id: &str, names: &[&str]) -> Result<Issued, Error> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "workload");
+        params.subject_alt_names.push(SanType::URI(id.try_into()?));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        self.issue(params)
+    }
+
     /// A server certificate for `names` (DNS names or IP addresses).
     pub fn server(&self, names: &[&str]) -> Result<Issued, Error> {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();

@@ -1,4 +1,5 @@
-//! Client certificate verification for SPIFFE trust domains.
+//! Certificate verification for SPIFFE trust domains: the listener's
+//! clients, and upstreams authorized by SPIFFE ID.
 //!
 //! Each trust domain has its own bundle, and a leaf is verified only
 //! against the bundle of the trust domain its SPIFFE ID names. So a CA of
@@ -14,18 +15,23 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use prometheus::IntCounterVec;
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
+use tether_config::spiffe::SpiffeId;
 
 use super::PeerIdentity;
 
 /// The verifiers of every trusted domain. Swapped whole on reload.
 pub struct TrustStore {
     domains: HashMap<String, Arc<dyn ClientCertVerifier>>,
+    /// The same bundles as roots, for upstreams' SVIDs (which chain as
+    /// servers, not clients).
+    roots: HashMap<String, Arc<RootCertStore>>,
 }
 
 impl TrustStore {
@@ -35,6 +41,7 @@ impl TrustStore {
         provider: &Arc<CryptoProvider>,
     ) -> Result<TrustStore, String> {
         let mut domains = HashMap::new();
+        let mut all_roots = HashMap::new();
         for (name, certs) in bundles {
             let mut roots = RootCertStore::empty();
             for cert in certs {
@@ -47,13 +54,18 @@ impl TrustStore {
                     "trust domain `{name}`: bundle holds no certificate"
                 ));
             }
+            let roots = Arc::new(roots);
             let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
                     .build()
                     .map_err(|e| format!("trust domain `{name}`: {e}"))?;
+            all_roots.insert(name.clone(), roots);
             domains.insert(name, verifier);
         }
-        Ok(TrustStore { domains })
+        Ok(TrustStore {
+            domains,
+            roots: all_roots,
+        })
     }
 }
 
@@ -188,6 +200,11 @@ impl SpiffeClientVerifier {
             .map(|_| peer)
     }
 
+    /// The trusted bundles as loaded now.
+    pub fn store(&self) -> Arc<TrustStore> {
+        self.store.load_full()
+    }
+
     /// Replaces the trusted bundles. Handshakes in flight finish with the
     /// store they started with; there is never a moment with none.
     pub fn replace(&self, store: TrustStore) {
@@ -256,6 +273,197 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             at: Instant::now(),
         });
         Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The SPIFFE IDs an upstream may present.
+#[derive(Debug, Clone)]
+pub enum ExpectedServer {
+    /// One of these IDs, exactly.
+    Ids(Vec<SpiffeId>),
+    /// Any ID of this trust domain.
+    TrustDomain(String),
+}
+
+impl ExpectedServer {
+    fn admits(&self, id: &SpiffeId) -> bool {
+        match self {
+            ExpectedServer::Ids(ids) => ids.contains(id),
+            ExpectedServer::TrustDomain(td) => id.trust_domain() == td,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedServer::Ids(ids) => {
+                for (i, id) in ids.iter().enumerate() {
+                    let sep = match i {
+                        0 => "",
+                        _ if i + 1 == ids.len() => " or ",
+                        _ => ", ",
+                    };
+                    write!(f, "{sep}`{id}`")?;
+                }
+                Ok(())
+            }
+            ExpectedServer::TrustDomain(td) => write!(f, "an ID of trust domain `{td}`"),
+        }
+    }
+}
+
+/// A rustls server verifier for an upstream authorized by SPIFFE ID, as
+/// SPIFFE clients authorize servers: its leaf must be an X.509-SVID that
+/// chains to the bundle of the trust domain its ID names (the bundles
+/// loaded now, so a reload reaches new connections), and that ID must be
+/// one the upstream is expected to have. The DNS name is not checked: a
+/// workload of the domain can get an SVID carrying any name, and SVIDs
+/// need not carry one.
+pub struct SpiffeServerVerifier {
+    /// Whose bundles are the trusted ones: the listener's verifier, which
+    /// reload updates.
+    bundles: Arc<SpiffeClientVerifier>,
+    expected: ExpectedServer,
+    provider: Arc<CryptoProvider>,
+    /// Counted by reason, labelled with `upstream`.
+    rejected: IntCounterVec,
+    upstream: String,
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .field("upstream", &self.upstream)
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier of upstream `upstream`'s SVID against the bundles
+    /// `bundles` holds. Refusals are counted in `rejected`, labelled
+    /// `upstream` and `reason`.
+    pub fn new(
+        bundles: Arc<SpiffeClientVerifier>,
+        expected: ExpectedServer,
+        provider: Arc<CryptoProvider>,
+        rejected: IntCounterVec,
+        upstream: String,
+    ) -> SpiffeServerVerifier {
+        SpiffeServerVerifier {
+            bundles,
+            expected,
+            provider,
+            rejected,
+            upstream,
+        }
+    }
+
+    /// The ID of an upstream's chain, if it is an SVID that chains to the
+    /// bundle of its trust domain and is expected; otherwise why not, as
+    /// a metric reason and a message.
+    pub fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<SpiffeId, (&'static str, String)> {
+        let peer = PeerIdentity::from_leaf_der(end_entity)
+            .map_err(|e| (e.code(), format!("certificate: {e}")))?;
+        let store = self.bundles.store();
+        let Some(roots) = store.roots.get(peer.id.trust_domain()) else {
+            return Err((
+                "untrusted_domain",
+                format!(
+                    "presented `{}`: trust domain `{}` is not trusted",
+                    peer.id,
+                    peer.id.trust_domain()
+                ),
+            ));
+        };
+        let parsed = ParsedCertificate::try_from(end_entity)
+            .map_err(|e| ("malformed", format!("certificate: {e}")))?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| {
+            (
+                "chain",
+                format!(
+                    "presented `{}`, which does not chain to the bundle of `{}`: {e}",
+                    peer.id,
+                    peer.id.trust_domain()
+                ),
+            )
+        })?;
+        if !self.expected.admits(&peer.id) {
+            return Err((
+                "spiffe_id",
+                format!("presented `{}`, expected {}", peer.id, self.expected),
+            ));
+        }
+        Ok(peer.id)
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        match self.verify_chain(end_entity, intermediates, now) {
+            Ok(_) => Ok(ServerCertVerified::assertion()),
+            Err((reason, detail)) => {
+                self.rejected
+                    .with_label_values(&[self.upstream.as_str(), reason])
+                    .inc();
+                log::warn!("upstream `{}` refused: {detail}", self.upstream);
+                Err(Error::General(detail))
+            }
+        }
     }
 
     fn verify_tls12_signature(
@@ -418,5 +626,113 @@ mod tests {
         );
         assert!(verify(&v, &b, "spiffe://b.example/agent").is_ok());
         assert!(verify(&v, &a, "spiffe://a.example/agent").is_err());
+    }
+
+    fn upstream_verifier(
+        bundles: &[&Pki],
+        expected: ExpectedServer,
+    ) -> (Arc<SpiffeClientVerifier>, SpiffeServerVerifier) {
+        let listener = Arc::new(verifier(bundles));
+        let counter = IntCounterVec::new(prometheus::Opts::new("u", "u"), &["upstream", "reason"])
+            .expect("counter");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let upstream =
+            SpiffeServerVerifier::new(listener.clone(), expected, provider, counter, "api".into());
+        (listener, upstream)
+    }
+
+    fn serve_as(v: &SpiffeServerVerifier, pki: &Pki, uri: &str) -> Result<(), Error> {
+        let leaf = pki.server_svid(uri, &["localhost"]).expect("leaf");
+        let name = ServerName::try_from("localhost").expect("name");
+        v.verify_server_cert(
+            &leaf.der().to_vec().into(),
+            &[],
+            &name,
+            &[],
+            UnixTime::now(),
+        )
+        .map(|_| ())
+    }
+
+    fn ids(ids: &[&str]) -> ExpectedServer {
+        ExpectedServer::Ids(
+            ids.iter()
+                .map(|id| SpiffeId::parse(id).expect("id"))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn an_upstream_is_accepted_only_with_an_expected_id_of_a_trusted_chain() {
+        let a = Pki::new("a.example").expect("pki");
+        let b = Pki::new("b.example").expect("pki");
+        let (_, v) = upstream_verifier(
+            &[&a, &b],
+            ids(&["spiffe://a.example/api", "spiffe://b.example/api"]),
+        );
+        assert!(serve_as(&v, &a, "spiffe://a.example/api").is_ok());
+        assert!(serve_as(&v, &b, "spiffe://b.example/api").is_ok());
+        // Another workload of the same domain, same CA, same DNS name.
+        let e = serve_as(&v, &a, "spiffe://a.example/other").expect_err("another id");
+        assert!(
+            e.to_string().contains(
+                "presented `spiffe://a.example/other`, expected `spiffe://a.example/api` \
+                 or `spiffe://b.example/api`"
+            ),
+            "{e}"
+        );
+        // An expected ID, signed by the other domain's CA.
+        assert!(serve_as(&v, &b, "spiffe://a.example/api").is_err());
+        // A certificate for the name only, no SPIFFE ID.
+        let plain = a.server(&["localhost"]).expect("server");
+        let name = ServerName::try_from("localhost").expect("name");
+        assert!(v
+            .verify_server_cert(
+                &plain.der().to_vec().into(),
+                &[],
+                &name,
+                &[],
+                UnixTime::now()
+            )
+            .is_err());
+        for (reason, count) in [("spiffe_id", 1), ("chain", 1), ("no_spiffe_id", 1)] {
+            assert_eq!(
+                v.rejected.with_label_values(&["api", reason]).get(),
+                count,
+                "{reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_trust_domain_admits_any_of_its_ids_and_no_other() {
+        let a = Pki::new("a.example").expect("pki");
+        let b = Pki::new("b.example").expect("pki");
+        let (_, v) = upstream_verifier(&[&a, &b], ExpectedServer::TrustDomain("a.example".into()));
+        assert!(serve_as(&v, &a, "spiffe://a.example/api").is_ok());
+        assert!(serve_as(&v, &a, "spiffe://a.example/other").is_ok());
+        assert!(serve_as(&v, &b, "spiffe://b.example/api").is_err());
+        assert_eq!(v.rejected.with_label_values(&["api", "spiffe_id"]).get(), 1);
+    }
+
+    #[test]
+    fn an_upstream_is_verified_against_the_bundles_loaded_now() {
+        let a = Pki::new("a.example").expect("pki");
+        let (listener, v) = upstream_verifier(&[&a], ids(&["spiffe://a.example/api"]));
+        assert!(serve_as(&v, &a, "spiffe://a.example/api").is_ok());
+        let successor = Pki::new("a.example").expect("pki");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        listener.replace(
+            TrustStore::new(
+                vec![(
+                    successor.trust_domain.clone(),
+                    vec![successor.ca_der().to_vec().into()],
+                )],
+                &provider,
+            )
+            .expect("store"),
+        );
+        assert!(serve_as(&v, &a, "spiffe://a.example/api").is_err());
+        assert!(serve_as(&v, &successor, "spiffe://a.example/api").is_ok());
     }
 }
