@@ -10,6 +10,7 @@ use tether_config::{Config, ConfigError, ConfigErrors};
 
 use crate::authorize::{PolicyEngine, PolicySource};
 use crate::lifecycle::Registry;
+use crate::mcp::ArgumentNames;
 use crate::route::{qualified, RouteTable};
 
 /// Registry, routes and policies of one generation.
@@ -22,6 +23,9 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// The Cedar schema, policies and principal entities.
     pub policy: PolicyEngine,
+    /// The names the schema declares in `context.arguments`, which MCP
+    /// tool calls are checked against.
+    pub mcp_arguments: ArgumentNames,
 }
 
 impl Snapshot {
@@ -66,6 +70,14 @@ impl Snapshot {
             message,
         };
         let parsed = PolicyEngine::parse(schema, policies).map_err(ConfigErrors)?;
+        let mcp_arguments = ArgumentNames::from_schema(&schema.text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: schema.path.clone(),
+                position: None,
+                field: String::new(),
+                message: format!("cannot read the names of `context.arguments`: {e}"),
+            }])
+        })?;
         // Shadow policies must be as valid as enforced ones: a broken
         // shadow set would record meaningless disagreements.
         let shadow = match shadow {
@@ -104,6 +116,7 @@ impl Snapshot {
             registry,
             routes,
             policy,
+            mcp_arguments,
         })
     }
 }
