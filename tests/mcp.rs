@@ -282,3 +282,146 @@ fn a_body_that_trickles_in_is_cut_off_and_the_call_never_decided() {
         "{line}"
     );
 }
+
+#[test]
+fn keys_a_go_server_reads_otherwise_are_refused_and_never_forwarded() {
+    // Go's `encoding/json` matches keys under Unicode case folding: `ſ`
+    // is `s`, `K` (Kelvin) is `k`. Each body here is one call to Tether
+    // and another to such a server.
+    let w = world();
+    for body in [
+        // Decided as `search_issues`; a Go server would run `delete_repo`.
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"search_issues","arguments":{}},"param\u017f":{"name":"delete_repo","arguments":{}}}"#,
+        // Arguments the forbid never saw.
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"create_issue","arguments":{"repo":"public"},"argument\u017f":{"repo":"private-payroll"}}}"#,
+        // No `repo` to Cedar, so the forbid on it cannot fire; `repo` to
+        // the server.
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"create_issue","arguments":{"REPO":"private-payroll"}}}"#,
+    ] {
+        assert_rpc_error(&w.post(body.as_bytes()), 400, -32600, "bad_request");
+    }
+    for line in w.sandbox.audit_lines(3) {
+        assert_eq!(line["decision"], "deny", "{line}");
+        assert_eq!(line["stage"], "mcp", "{line}");
+    }
+}
+
+#[test]
+fn the_server_receives_the_call_as_parsed_written_out_again() {
+    let w = world();
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    // Escapes, spaces and a number written long, sent in chunks with a
+    // `charset` no server should decode it by.
+    let body = br#"{ "jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "cre\u0061te_issue", "arguments": {"repo": "tether", "title": "caf\u00e9", "n": 1.50}}}"#;
+    let mut request = b"POST /mcp HTTP/1.1\r\nhost: tether\r\nconnection: close\r\n\
+        content-type: application/json; charset=utf-16\r\ntransfer-encoding: chunked\r\n\r\n"
+        .to_vec();
+    let (head, tail) = body.split_at(40);
+    for chunk in [head, tail] {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let r = w.rt.block_on(client.send_raw(&request)).expect("response");
+    assert_eq!(r.status, 200, "{r:?}");
+    let answer = r.json().expect("json");
+    let forwarded = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"create_issue","arguments":{"repo":"tether","title":"café","n":1.5}}}"#;
+    assert_eq!(answer["result"]["raw"], forwarded, "{answer}");
+    let headers = &answer["result"]["headers"];
+    assert_eq!(
+        headers["content-length"],
+        forwarded.len().to_string(),
+        "{headers}"
+    );
+    assert_eq!(headers["content-type"], "application/json", "{headers}");
+    assert_eq!(headers.get("transfer-encoding"), None, "{headers}");
+}
+
+/// The example world with the MCP endpoint's `GET` (the server's stream
+/// of a Streamable HTTP session) routed, as the session it belongs to.
+fn world_with_mcp_stream() -> World {
+    World::with(|c| {
+        let mcp = c
+            .routes
+            .iter()
+            .find(|r| r.mcp.is_some())
+            .expect("an MCP route")
+            .clone();
+        let mut stream = mcp;
+        stream.method = tether_config::OneOrMany::One("GET".into());
+        stream.mcp = None;
+        stream.action = Some("initialize".into());
+        c.routes.push(stream);
+    })
+}
+
+#[test]
+fn a_get_stream_replaying_a_tools_list_reaches_the_client_filtered() {
+    let w = world_with_mcp_stream();
+    // Resumed after `Last-Event-ID`, the server replays the answer to an
+    // earlier `tools/list`: the client takes it by its id, whichever
+    // request's stream it came on.
+    let r = w
+        .send(
+            Some(TRIAGE),
+            "GET",
+            "/mcp",
+            &[("accept", "text/event-stream"), ("last-event-id", "40")],
+        )
+        .expect("response");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let body = String::from_utf8(r.body.clone()).expect("utf-8");
+    assert!(!body.contains("delete_repo"), "{body}");
+    let data = body
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("an event");
+    let event: Value = serde_json::from_str(data).expect("json");
+    assert_eq!(event["id"], 3);
+    let names: Vec<&str> = event["result"]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["search_issues", "create_issue"], "{body}");
+    assert!(body.starts_with("id: 41\nevent: message\n"), "{body}");
+}
+
+#[test]
+fn tools_in_another_answer_and_twins_a_client_reads_are_filtered_too() {
+    let w = world();
+    let names = |r: &Response| -> Vec<String> {
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            !String::from_utf8_lossy(&r.body).contains("delete_repo"),
+            "{r:?}"
+        );
+        r.json().expect("json")["result"]["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .map(|t| t["name"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    // A `Tools` list beside `tools`, a `Name` beside a kept tool's `name`:
+    // a Go client would read either. Only what Tether read goes on.
+    let r = w.call("tools/list", json!({"cursor": "twins"}));
+    assert_eq!(names(&r), ["search_issues", "create_issue"]);
+    let answer = r.json().expect("json");
+    assert_eq!(answer["result"].get("Tools"), None, "{answer}");
+    assert_eq!(answer["result"]["tools"][0].get("Name"), None, "{answer}");
+    // An answer to another method that carries a list of tools.
+    let r = w.call("initialize", json!({"_meta": {"tools": true}}));
+    assert_eq!(names(&r), ["search_issues", "create_issue"]);
+    // Other answers pass as they were read.
+    let r = w.call("tools/call", tool("search_issues", json!({"q": "bug"})));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json().expect("json")["result"]["received"]["params"]["arguments"]["q"],
+        "bug"
+    );
+}

@@ -220,6 +220,16 @@ impl RequestCtx {
             .is_some_and(|r| r.mcp.is_some())
     }
 
+    /// Whether the request's answer comes from an MCP server: the request
+    /// is on an MCP route, or on a route that shares one's path (see
+    /// [`CompiledRoute::mcp_endpoint`](crate::route::CompiledRoute)).
+    pub fn on_mcp_endpoint(&self) -> bool {
+        self.route
+            .as_ref()
+            .and_then(|m| self.snapshot.routes.get(m.index))
+            .is_some_and(|r| r.mcp_endpoint.is_some())
+    }
+
     /// The body a refusal is answered with: a JSON-RPC error on MCP
     /// routes (what an MCP client can read), `{"error", "reason",
     /// "request_id"}` elsewhere.

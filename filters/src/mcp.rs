@@ -7,12 +7,15 @@
 //! arguments to policy as `context.arguments`; other methods act on the
 //! route's resource. Batches, malformed JSON and over-size bodies are
 //! refused with a JSON-RPC error and never reach policy or the upstream.
+//! What is forwarded is the call as parsed, written out again.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use cedar_policy::{EntityId, EntityTypeName, EntityUid, RestrictedExpression};
 use pingora_http::RequestHeader;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::authorize::{DecisionCache, DecisionInput};
 use crate::route::ResourceRef;
@@ -29,6 +32,12 @@ const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
 /// Server-defined: refused by Tether.
 const REFUSED: i64 = -32001;
+
+/// The members of a call Tether reads, and of its `params`: a key a server
+/// may read as one of them (`Params`, `paramſ`) is refused, as it could
+/// hold a call Tether never saw.
+const CALL_MEMBERS: [&str; 4] = ["jsonrpc", "method", "params", "id"];
+const PARAMS_MEMBERS: [&str; 2] = ["name", "arguments"];
 
 /// An MCP route's settings, compiled.
 #[derive(Debug, Clone)]
@@ -50,18 +59,23 @@ pub struct McpCall {
     pub tool: Option<String>,
     /// For `tools/call`: the arguments, as canonical JSON.
     pub arguments: Option<Arc<str>>,
+    /// The body forwarded instead of the one received: the call as Tether
+    /// parsed it, written out again, so a server reads no escape, number
+    /// or duplicate otherwise than Tether did.
+    pub forward: Bytes,
 }
 
 impl McpCall {
-    /// Parses a JSON-RPC request body.
-    pub fn parse(body: &[u8]) -> Result<McpCall, Denial> {
+    /// Parses a JSON-RPC request body. `argument_names` are the names
+    /// policy may read in `context.arguments`.
+    pub fn parse(body: &[u8], argument_names: &ArgumentNames) -> Result<McpCall, Denial> {
         let not_json = |e: serde_json::Error| {
             Denial::new(Reason::BadRequest, format!("body is not JSON: {e}"))
         };
         // Read twice, so that Tether and the server cannot read different
         // calls from one body: `serde_json` keeps the last of two equal
         // keys, other servers the first, and Go's `encoding/json` matches
-        // struct fields ignoring case.
+        // struct fields under Unicode case folding (see [`keys_alike`]).
         serde::Deserializer::deserialize_any(
             &mut serde_json::Deserializer::from_slice(body),
             UniqueKeys,
@@ -76,9 +90,9 @@ impl McpCall {
             };
             return Err(Denial::new(Reason::BadRequest, what));
         };
-        no_keys_alike(&obj, "the call")?;
+        no_keys_alike(&obj, "the call", &CALL_MEMBERS)?;
         if let Some(params) = obj.get("params").and_then(Value::as_object) {
-            no_keys_alike(params, "`params`")?;
+            no_keys_alike(params, "`params`", &PARAMS_MEMBERS)?;
         }
         if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
             return Err(Denial::new(Reason::BadRequest, "`jsonrpc` must be \"2.0\""));
@@ -91,6 +105,7 @@ impl McpCall {
             method: method.to_string(),
             tool: None,
             arguments: None,
+            forward: Bytes::new(),
         };
         if method == "tools/call" {
             let params = obj.get("params").and_then(Value::as_object);
@@ -118,29 +133,217 @@ impl McpCall {
             }
             // Policy reads the arguments too: `{"repo": "public", "Repo":
             // "private"}` must not be one repository to Cedar and another
-            // to a server that matches names ignoring case.
-            no_keys_alike_within(&arguments, "`params.arguments`")?;
+            // to a server that matches names ignoring case, nor `REPO`
+            // alone no `repo` to Cedar and `repo` to the server.
+            no_argument_keys_alike(&arguments, argument_names, "`params.arguments`")?;
             call.tool = Some(name.to_string());
             call.arguments = Some(arguments.to_string().into());
         }
+        let forward = serde_json::to_vec(&obj).map_err(|e| {
+            Denial::new(
+                Reason::Internal,
+                format!("cannot write the call again: {e}"),
+            )
+        })?;
+        call.forward = forward.into();
         Ok(call)
     }
 }
 
-/// Refuses an object with two keys that differ only in ASCII case: a
-/// server that matches fields ignoring case could read `Method` where
-/// Tether read `method`.
-fn no_keys_alike(obj: &serde_json::Map<String, Value>, what: &str) -> Result<(), Denial> {
-    let mut seen = std::collections::HashSet::with_capacity(obj.len());
+/// Whether a server may read the JSON keys `a` and `b` as one name.
+///
+/// Go's `encoding/json` (which Go MCP servers decode calls with) matches a
+/// key to a field under Unicode simple case folding: `ſ` (U+017F) is `s`,
+/// `K` (U+212A, Kelvin) is `k`, `ẞ` is `ß`. Simple, not full: `ß` is not
+/// `ss`, and the Turkish dotless `ı` and dotted `İ` are not `i` (Go's
+/// `unicode.SimpleFold` leaves each alone).
+pub fn keys_alike(a: &str, b: &str) -> bool {
+    // Equal but for ASCII case: alike, whatever else they hold (the other
+    // characters' UTF-8 bytes are compared as they are).
+    if a.len() == b.len() && a.eq_ignore_ascii_case(b) {
+        return true;
+    }
+    // Among ASCII characters, simple folding is ASCII case.
+    if a.is_ascii() && b.is_ascii() {
+        return false;
+    }
+    a.chars().map(fold).eq(b.chars().map(fold))
+}
+
+/// `key` with every character folded: equal for keys [`keys_alike`].
+fn folded(key: &str) -> Cow<'_, str> {
+    if key.is_ascii() {
+        if key.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(key.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(key)
+        }
+    } else {
+        Cow::Owned(key.chars().map(fold).collect())
+    }
+}
+
+/// One character of each set that Unicode simple case folding makes one:
+/// the lower case of its upper case, each taken only where Unicode maps
+/// the character to one character (the simple mappings: `ß` upper cases
+/// to `SS` in full only, so stays `ß`; `ẞ` lower cases to `ß`).
+fn fold(c: char) -> char {
+    if c.is_ascii() {
+        return c.to_ascii_lowercase();
+    }
+    match c {
+        // Upper cases to `I`, but folds to nothing else.
+        'ı' => return c,
+        // Folded together (CaseFolding.txt), while their case mappings,
+        // multi-character, keep them apart.
+        '\u{1FD3}' => return '\u{390}',
+        '\u{1FE3}' => return '\u{3B0}',
+        '\u{FB05}' => return '\u{FB06}',
+        _ => {}
+    }
+    let upper = single(c.to_uppercase()).unwrap_or(c);
+    single(upper.to_lowercase()).unwrap_or(upper)
+}
+
+/// The only character of `chars`, if it has exactly one.
+fn single(mut chars: impl Iterator<Item = char>) -> Option<char> {
+    let first = chars.next()?;
+    chars.next().is_none().then_some(first)
+}
+
+/// Objects with more keys than this are checked through a set of folded
+/// keys; smaller ones (nearly all) pair by pair, with nothing allocated.
+const PAIRWISE_KEYS: usize = 12;
+
+/// Refuses an object with two keys a server may read as one (see
+/// [`keys_alike`]): it could read `Method` where Tether read `method`.
+/// Refuses too a key a server may read as one of `members` without being
+/// it: alone, `paramſ` is no `params` to Tether, and `params` to a Go
+/// server.
+fn no_keys_alike(obj: &Map<String, Value>, what: &str, members: &[&str]) -> Result<(), Denial> {
+    let alike = |key: &str| {
+        Denial::new(
+            Reason::BadRequest,
+            format!("{what} has two keys spelled alike but for case, one being `{key}`"),
+        )
+    };
+    if obj.len() <= PAIRWISE_KEYS {
+        for (i, key) in obj.keys().enumerate() {
+            if obj.keys().skip(i + 1).any(|other| keys_alike(key, other)) {
+                return Err(alike(key));
+            }
+        }
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(obj.len());
+        for key in obj.keys() {
+            if !seen.insert(folded(key)) {
+                return Err(alike(key));
+            }
+        }
+    }
     for key in obj.keys() {
-        if !seen.insert(key.to_ascii_lowercase()) {
+        if let Some(member) = members.iter().find(|m| *m != key && keys_alike(key, m)) {
             return Err(Denial::new(
                 Reason::BadRequest,
-                format!("{what} has two keys spelled alike but for case, one being `{key}`"),
+                format!("{what} has the key `{key}`, which a server may read as `{member}`"),
             ));
         }
     }
     Ok(())
+}
+
+/// The names the Cedar schema declares in `context.arguments`, at each
+/// depth (a record's attributes, each with its own when it is a record or
+/// a set of records), of every action. Collected when the schema loads.
+#[derive(Debug, Default)]
+pub struct ArgumentNames {
+    names: Vec<(String, ArgumentNames)>,
+}
+
+/// What an undeclared argument holds: no names.
+static NO_NAMES: ArgumentNames = ArgumentNames { names: Vec::new() };
+
+impl ArgumentNames {
+    /// The argument names of every action's context in `schema` (Cedar
+    /// schema text).
+    pub fn from_schema(schema: &str) -> Result<ArgumentNames, String> {
+        let (json, _warnings) = cedar_policy::schema_str_to_json_with_resolved_types(schema)
+            .map_err(|e| e.to_string())?;
+        let mut names = ArgumentNames::default();
+        let namespaces = json.as_object().into_iter().flat_map(Map::values);
+        for namespace in namespaces {
+            let actions = namespace.get("actions").and_then(Value::as_object);
+            for action in actions.into_iter().flat_map(Map::values) {
+                let context = action
+                    .get("appliesTo")
+                    .and_then(|a| a.get("context"))
+                    .and_then(|c| resolve(&json, c));
+                let arguments = context
+                    .and_then(|c| c.get("attributes"))
+                    .and_then(|a| a.get("arguments"));
+                if let Some(arguments) = arguments {
+                    names.add(&json, arguments, 0);
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// Adds the attribute names of the record type `ty` (in the schema
+    /// `json`), or of its elements' type for a set.
+    fn add(&mut self, json: &Value, ty: &Value, depth: usize) {
+        let Some(ty) = resolve(json, ty) else {
+            return;
+        };
+        if depth > MAX_DEPTH {
+            return;
+        }
+        match ty.get("type").and_then(Value::as_str) {
+            Some("Set") => {
+                if let Some(element) = ty.get("element") {
+                    self.add(json, element, depth + 1);
+                }
+            }
+            Some("Record") => {
+                let attributes = ty.get("attributes").and_then(Value::as_object);
+                for (name, attribute) in attributes.into_iter().flatten() {
+                    let at = match self.names.iter().position(|(n, _)| n == name) {
+                        Some(at) => at,
+                        None => {
+                            self.names.push((name.clone(), ArgumentNames::default()));
+                            self.names.len() - 1
+                        }
+                    };
+                    if let Some((_, inner)) = self.names.get_mut(at) {
+                        inner.add(json, attribute, depth + 1);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The names within the declared argument `name`.
+    fn within(&self, name: &str) -> Option<&ArgumentNames> {
+        self.names.iter().find(|(n, _)| n == name).map(|(_, a)| a)
+    }
+}
+
+/// The type `ty` names in the schema `json`: itself, or the common type
+/// it refers to (`"N::Args"`, in namespace `N`), followed a few times.
+fn resolve<'a>(json: &'a Value, mut ty: &'a Value) -> Option<&'a Value> {
+    for _ in 0..MAX_DEPTH {
+        let name = ty.get("type").and_then(Value::as_str)?;
+        if matches!(
+            name,
+            "Record" | "Set" | "String" | "Long" | "Boolean" | "Entity" | "Extension"
+        ) {
+            return Some(ty);
+        }
+        let (namespace, common) = name.rsplit_once("::").unwrap_or(("", name));
+        ty = json.get(namespace)?.get("commonTypes")?.get(common)?;
+    }
+    None
 }
 
 /// Walks a JSON document and fails on an object that holds a key twice.
@@ -204,13 +407,31 @@ impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys {
     }
 }
 
-/// [`no_keys_alike`] for every object in `v`, however deep.
-fn no_keys_alike_within(v: &Value, what: &str) -> Result<(), Denial> {
+/// [`no_keys_alike`] for every object in the arguments `v`, however deep;
+/// and no key a server may read as an argument name policy reads
+/// (`names`) without being it.
+fn no_argument_keys_alike(v: &Value, names: &ArgumentNames, what: &str) -> Result<(), Denial> {
     match v {
-        Value::Array(a) => a.iter().try_for_each(|v| no_keys_alike_within(v, what)),
+        Value::Array(a) => a
+            .iter()
+            .try_for_each(|v| no_argument_keys_alike(v, names, what)),
         Value::Object(o) => {
-            no_keys_alike(o, what)?;
-            o.values().try_for_each(|v| no_keys_alike_within(v, what))
+            no_keys_alike(o, what, &[])?;
+            for (key, value) in o {
+                let within = names.within(key);
+                if within.is_none() {
+                    if let Some((name, _)) = names.names.iter().find(|(n, _)| keys_alike(key, n)) {
+                        return Err(Denial::new(
+                            Reason::BadRequest,
+                            format!(
+                                "{what} has the key `{key}`, which a server may read as `{name}`"
+                            ),
+                        ));
+                    }
+                }
+                no_argument_keys_alike(value, within.unwrap_or(&NO_NAMES), what)?;
+            }
+            Ok(())
         }
         _ => Ok(()),
     }
@@ -280,48 +501,147 @@ pub fn error_body(call: Option<&McpCall>, denial: &Denial, request_id: &str) -> 
     .unwrap_or_default()
 }
 
-/// Keeps only the tools `visible` allows in a `tools/list` response.
-pub fn filter_tools(body: &[u8], visible: impl Fn(&str) -> bool) -> Result<Vec<u8>, String> {
-    let value = serde_json::from_slice(body)
-        .map_err(|e| format!("tools/list response is not JSON: {e}"))?;
-    filter_tools_value(value, visible)
+/// What an answer on an MCP endpoint must be to go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The answer to a `tools/list`: a result with its list of tools, or
+    /// an error. Any other shape (a batch, a result without `tools`) could
+    /// hold tools this filter would not see, and is refused rather than
+    /// passed on.
+    ToolsList,
+    /// Any other answer (another method's, the server's `GET` stream):
+    /// any JSON-RPC messages, a batch included. A server may still send a
+    /// list of tools there (an event store replaying a stream after
+    /// `Last-Event-ID`, an answer to a pending `tools/list` on another
+    /// request's stream), and a client takes it by its `id`: each message
+    /// with a `result.tools` is filtered as well.
+    Any,
 }
 
-fn filter_tools_value(mut value: Value, visible: impl Fn(&str) -> bool) -> Result<Vec<u8>, String> {
-    // Two shapes only: a result with its list of tools, or an error. Any
-    // other (a batch, a result without `tools`) could hold tools this
-    // filter would not see, and is refused rather than passed on.
-    if value.get("error").is_some_and(Value::is_object) && value.get("result").is_none() {
-        return serde_json::to_vec(&value).map_err(|e| e.to_string());
+impl Expect {
+    fn what(self) -> &'static str {
+        match self {
+            Expect::ToolsList => "tools/list",
+            Expect::Any => "MCP",
+        }
     }
-    let Some(tools) = value
-        .get_mut("result")
-        .and_then(|r| r.get_mut("tools"))
-        .and_then(Value::as_array_mut)
-    else {
-        return Err("tools/list response has no `result.tools` list and is no error".into());
-    };
-    tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(&visible));
+}
+
+/// Filters a whole JSON answer: every list of tools in it keeps only the
+/// tools `visible` allows. What goes on is written out again from what
+/// Tether read (see [`scrub`]); an answer that is not JSON, or not as
+/// `expect`s, is an error. An empty answer other than to a `tools/list`
+/// (a `202 Accepted`) holds nothing and stays empty.
+pub fn filter_answer(
+    body: &[u8],
+    expect: Expect,
+    visible: impl Fn(&str) -> bool,
+) -> Result<Vec<u8>, String> {
+    if expect == Expect::Any && body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let value = serde_json::from_slice(body)
+        .map_err(|e| format!("{} response is not JSON: {e}", expect.what()))?;
+    filter_message(value, expect, &visible)
+}
+
+fn filter_message(
+    mut value: Value,
+    expect: Expect,
+    visible: &impl Fn(&str) -> bool,
+) -> Result<Vec<u8>, String> {
+    match expect {
+        Expect::Any => scrub_within(&mut value, visible)?,
+        Expect::ToolsList => {
+            scrub(&mut value, visible)?;
+            let is_error =
+                value.get("error").is_some_and(Value::is_object) && value.get("result").is_none();
+            let has_tools = value
+                .get("result")
+                .and_then(|r| r.get("tools"))
+                .is_some_and(Value::is_array);
+            if !is_error && !has_tools {
+                return Err(
+                    "tools/list response has no `result.tools` list and is no error".into(),
+                );
+            }
+        }
+    }
     serde_json::to_vec(&value).map_err(|e| e.to_string())
 }
 
-/// A `tools/list` answer sent as Server-Sent Events (the default of the
-/// TypeScript SDK and FastMCP), filtered one event at a time as it
+/// [`scrub`] for a message, or each message of a batch.
+fn scrub_within(value: &mut Value, visible: &impl Fn(&str) -> bool) -> Result<(), String> {
+    match value {
+        Value::Array(messages) => messages
+            .iter_mut()
+            .try_for_each(|m| scrub_within(m, visible)),
+        message => scrub(message, visible),
+    }
+}
+
+/// Keeps only the visible tools of a message's `result.tools`, and drops
+/// what a client could read instead of the members Tether read: a key a
+/// client may read as `result`, `tools` or a tool's `name` (see
+/// [`keys_alike`]) but that is not it. `{"tools": [...], "Tools": [...]}`
+/// would reach a Go client with the unfiltered twin; `{"name": "search",
+/// "Name": "delete"}` would show it a tool Tether never saw.
+fn scrub(message: &mut Value, visible: &impl Fn(&str) -> bool) -> Result<(), String> {
+    let Value::Object(message) = message else {
+        return Ok(());
+    };
+    drop_twins(message, "result");
+    let Some(Value::Object(result)) = message.get_mut("result") else {
+        return Ok(());
+    };
+    drop_twins(result, "tools");
+    let Some(tools) = result.get_mut("tools") else {
+        return Ok(());
+    };
+    let Value::Array(tools) = tools else {
+        return Err("`result.tools` is not a list".into());
+    };
+    tools.retain_mut(|tool| {
+        if let Value::Object(tool) = tool {
+            drop_twins(tool, "name");
+        }
+        tool.get("name")
+            .and_then(Value::as_str)
+            .is_some_and(visible)
+    });
+    Ok(())
+}
+
+/// Removes the keys of `object` that a client may read as `member` but
+/// that are not it.
+fn drop_twins(object: &mut Map<String, Value>, member: &str) {
+    let twin = |key: &str| key != member && keys_alike(key, member);
+    if object.keys().any(|k| twin(k)) {
+        object.retain(|k, _| !twin(k));
+    }
+}
+
+/// An answer on an MCP endpoint sent as Server-Sent Events (a
+/// `tools/list` answer, as the TypeScript SDK and FastMCP send it by
+/// default; the server's `GET` stream), filtered one event at a time as it
 /// arrives.
 ///
 /// Every event is written out again from the fields Tether read, never
 /// copied, so what the agent's client dispatches is what was decided on:
 /// `data` lines are joined and parsed as JSON; a server request or
 /// notification (an object with a `method`, no `result` or `error`) goes
-/// through re-encoded; anything else must be what [`filter_tools`] accepts
-/// and is filtered, or is replaced by `refused(why)`. The JSON written
-/// escapes U+2028, U+2029 and U+0085, which some clients split lines at.
-/// `event` and `id` are kept when they are printable ASCII, `retry` when
-/// it is digits; comments and unknown fields (a leading byte-order mark
-/// turns `data` into one) are dropped. At the end, an event without its
-/// closing blank line is dropped, as a client drops it.
-#[derive(Default)]
+/// through re-encoded; anything else must be what [`filter_answer`]
+/// accepts as `expect`ed and is filtered, or is replaced by
+/// `refused(why)`. Every message is scrubbed of what a client could read
+/// instead of what Tether read (see [`scrub`]). The JSON written escapes
+/// U+2028, U+2029 and U+0085, which some clients split lines at. `event`
+/// and `id` are kept when they are printable ASCII, `retry` when it is
+/// digits; comments and unknown fields (a leading byte-order mark turns
+/// `data` into one) are dropped. At the end, an event without its closing
+/// blank line is dropped, as a client drops it.
 pub struct ToolEvents {
+    /// What the events must be.
+    expect: Expect,
     /// Where the next line starts, in what the caller holds.
     line_start: usize,
     /// How far the line from `line_start` is known to hold no line end:
@@ -331,6 +651,15 @@ pub struct ToolEvents {
 }
 
 impl ToolEvents {
+    /// A stream whose events must be as `expect`ed.
+    pub fn new(expect: Expect) -> ToolEvents {
+        ToolEvents {
+            expect,
+            line_start: 0,
+            searched: 0,
+        }
+    }
+
     /// Takes `held`, what has arrived and not yet been consumed; returns
     /// the complete events among it, rewritten, and how many bytes they
     /// took (the caller drops those before the next call).
@@ -372,7 +701,7 @@ impl ToolEvents {
                 for line in lines(&held[consumed..end]) {
                     event.field(line);
                 }
-                event.write(&mut out, &visible, &refused);
+                event.write(&mut out, self.expect, &visible, &refused);
                 consumed = at;
             }
         }
@@ -438,6 +767,7 @@ impl<'a> SseEvent<'a> {
     fn write(
         &self,
         out: &mut Vec<u8>,
+        expect: Expect,
         visible: &impl Fn(&str) -> bool,
         refused: &impl Fn(String) -> Vec<u8>,
     ) {
@@ -448,9 +778,9 @@ impl<'a> SseEvent<'a> {
         // An event with no data (or empty data) is not dispatched.
         if let Some(data) = self.data.as_deref().filter(|d| !d.is_empty()) {
             let message = match serde_json::from_slice::<Value>(data) {
-                Ok(v) if is_server_call(&v) => serde_json::to_vec(&v).map_err(|e| e.to_string()),
-                Ok(v) => filter_tools_value(v, visible),
-                Err(e) => Err(format!("tools/list event is not JSON: {e}")),
+                Ok(v) if is_server_call(&v) => filter_message(v, Expect::Any, visible),
+                Ok(v) => filter_message(v, expect, visible),
+                Err(e) => Err(format!("{} event is not JSON: {e}", expect.what())),
             };
             out.extend_from_slice(b"data: ");
             escape_line_breaks(&message.unwrap_or_else(refused), out);
@@ -489,24 +819,29 @@ fn is_server_call(message: &Value) -> bool {
         && message.get("error").is_none()
 }
 
-/// Whether a `tools/list` response should show `tool` to the caller: it
-/// may call it, or it may depending on the arguments (a policy that reads
-/// them cannot be evaluated without them). What is certainly refused is
-/// hidden; each call is still decided on its own when it is made.
+/// Whether an MCP answer (a `tools/list` one, mostly) should show `tool`
+/// to the caller: it may call it, or it may depending on the arguments (a
+/// policy that reads them cannot be evaluated without them). What is
+/// certainly refused is hidden; each call is still decided on its own
+/// when it is made.
 pub fn tool_visible(cache: &DecisionCache, ctx: &RequestCtx, tool: &str) -> bool {
     let Some(mut input) = DecisionInput::of(ctx) else {
         return false;
     };
-    let Some(compiled) = ctx
+    // Asked of the MCP route the answer comes from, whichever route (a
+    // `GET` one on its path, say) the request took.
+    let endpoint = ctx
         .route
         .as_ref()
         .and_then(|m| ctx.snapshot.routes.get(m.index))
+        .and_then(|r| r.mcp_endpoint);
+    let Some((index, compiled)) = endpoint
+        .and_then(|i| Some((i, ctx.snapshot.routes.get(i)?)))
+        .filter(|(_, r)| r.mcp.is_some())
     else {
         return false;
     };
-    if compiled.mcp.is_none() {
-        return false;
-    }
+    input.route.index = index;
     input.route.action = compiled.action.clone(); // `tools/call` on MCP routes
     input.route.resource = ResourceRef {
         tool: true,
@@ -547,7 +882,7 @@ impl Filter for Mcp {
                 format!("body is over {limit} bytes"),
             ));
         }
-        let call = McpCall::parse(body)?;
+        let call = McpCall::parse(body, &ctx.snapshot.mcp_arguments)?;
         let Some(route) = ctx.route.as_mut() else {
             return Err(Denial::new(Reason::Internal, "mcp ran before route"));
         };
@@ -595,6 +930,7 @@ mod tests {
     fn tools_call_names_the_tool_and_keeps_the_arguments() {
         let call = McpCall::parse(
             br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"create_issue","arguments":{"repo":"x","n":2}}}"#,
+            &ArgumentNames::default(),
         )
         .expect("valid");
         assert_eq!(call.method, "tools/call");
@@ -644,7 +980,7 @@ mod tests {
                 "appears twice",
             ),
         ] {
-            let denial = McpCall::parse(body).expect_err("refused");
+            let denial = McpCall::parse(body, &ArgumentNames::default()).expect_err("refused");
             assert_eq!(denial.reason, Reason::BadRequest);
             assert!(denial.detail.contains(expected), "{}: {}", expected, denial.detail);
         }
@@ -653,13 +989,16 @@ mod tests {
             r#"{"a":"#.repeat(20),
             "}".repeat(20)
         );
-        assert!(McpCall::parse(deep.as_bytes()).is_err());
+        assert!(McpCall::parse(deep.as_bytes(), &ArgumentNames::default()).is_err());
     }
 
     #[test]
     fn errors_are_json_rpc_with_the_call_id() {
-        let call =
-            McpCall::parse(br#"{"jsonrpc":"2.0","id":"a1","method":"tools/list"}"#).expect("valid");
+        let call = McpCall::parse(
+            br#"{"jsonrpc":"2.0","id":"a1","method":"tools/list"}"#,
+            &ArgumentNames::default(),
+        )
+        .expect("valid");
         let body = error_body(
             Some(&call),
             &Denial::new(Reason::PolicyDenied, "secret"),
@@ -684,7 +1023,8 @@ mod tests {
     fn tools_list_keeps_only_visible_tools() {
         let body =
             br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"a"},{"name":"b"},{"x":1}]}}"#;
-        let filtered = filter_tools(body, |name| name == "b").expect("filtered");
+        let filtered =
+            filter_answer(body, Expect::ToolsList, |name| name == "b").expect("filtered");
         let v: Value = serde_json::from_slice(&filtered).expect("json");
         assert_eq!(v["result"]["tools"], serde_json::json!([{"name": "b"}]));
     }
@@ -692,14 +1032,17 @@ mod tests {
     #[test]
     fn a_tools_list_response_of_another_shape_is_refused_not_passed_on() {
         let error = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}"#;
-        assert!(filter_tools(error, |_| false).is_ok(), "an error passes");
+        assert!(
+            filter_answer(error, Expect::ToolsList, |_| false).is_ok(),
+            "an error passes"
+        );
         for body in [
             &br#"[{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"rm"}]}}]"#[..],
             br#"{"jsonrpc":"2.0","id":1,"result":{"tools":{"name":"rm"}}}"#,
             br#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
         ] {
             assert!(
-                filter_tools(body, |_| false).is_err(),
+                filter_answer(body, Expect::ToolsList, |_| false).is_err(),
                 "{}",
                 String::from_utf8_lossy(body)
             );
@@ -709,7 +1052,11 @@ mod tests {
     /// Feeds `stream` to a [`ToolEvents`] cut at `cuts`, as chunks arrive,
     /// keeping what each call leaves for the next.
     fn filter_events_in_chunks(stream: &[u8], cuts: &[usize]) -> String {
-        let mut events = ToolEvents::default();
+        filter_events_as(Expect::ToolsList, stream, cuts)
+    }
+
+    fn filter_events_as(expect: Expect, stream: &[u8], cuts: &[usize]) -> String {
+        let mut events = ToolEvents::new(expect);
         let mut held = Vec::new();
         let mut out = Vec::new();
         let mut from = 0;
@@ -762,7 +1109,7 @@ mod tests {
 
     #[test]
     fn an_event_arriving_a_little_at_a_time_is_searched_once() {
-        let mut events = ToolEvents::default();
+        let mut events = ToolEvents::new(Expect::ToolsList);
         let mut held = b"data: ".to_vec();
         for _ in 0..1000 {
             held.push(b'x');
@@ -824,6 +1171,279 @@ mod tests {
             let out = filter_events_in_chunks(stream.as_bytes(), &[]);
             assert!(out.starts_with(expected), "{stream:?} gave {out:?}");
             assert!(!out.contains("\"a\""), "{out}");
+        }
+    }
+
+    #[test]
+    fn keys_fold_as_unicode_simple_case_folding_does() {
+        use regex_syntax::hir::{Class, ClassUnicode, ClassUnicodeRange, HirKind};
+        // Unicode's simple case folding, as regex-syntax tables it, over
+        // the characters its Unicode version assigns: every set it makes
+        // one folds to one character, and no two sets to the same.
+        let hir = regex_syntax::parse(r"\p{Assigned}").expect("class");
+        let HirKind::Class(Class::Unicode(assigned)) = hir.kind() else {
+            panic!("not a class: {hir:?}");
+        };
+        let mut sets: std::collections::HashMap<char, char> = Default::default();
+        for c in assigned.iter().flat_map(|r| r.start()..=r.end()) {
+            let mut set = ClassUnicode::new([ClassUnicodeRange::new(c, c)]);
+            set.case_fold_simple();
+            let smallest = set.ranges()[0].start();
+            for other in set.iter().flat_map(|r| r.start()..=r.end()) {
+                assert_eq!(fold(other), fold(c), "{c:?} and {other:?} fold apart");
+            }
+            if let Some(seen) = sets.insert(fold(c), smallest) {
+                assert_eq!(seen, smallest, "{c:?} folds as {seen:?}, of another set");
+            }
+        }
+        assert!(sets.len() > 100_000, "{}", sets.len());
+    }
+
+    #[test]
+    fn keys_are_alike_as_a_go_server_matches_them() {
+        for (a, b) in [
+            ("params", "params"),
+            ("params", "PARAMS"),
+            ("params", "param\u{17F}"), // long s
+            ("arguments", "ARGUMENT\u{17F}"),
+            ("kind", "\u{212A}ind"),          // Kelvin sign
+            ("stra\u{DF}e", "STRA\u{1E9E}E"), // ß, capital ẞ
+            ("\u{3C3}", "\u{3C2}"),           // σ, final ς
+            ("\u{3A3}", "\u{3C2}"),           // Σ
+            ("\u{B5}", "\u{39C}"),            // micro sign, capital mu
+            ("\u{C5}", "\u{212B}"),           // Å, Ångström sign
+            ("\u{1C5}", "\u{1C6}"),           // ǅ, ǆ
+        ] {
+            assert!(keys_alike(a, b), "{a:?} {b:?}");
+            assert!(keys_alike(b, a), "{b:?} {a:?}");
+            assert_eq!(folded(a), folded(b), "{a:?} {b:?}");
+        }
+        for (a, b) in [
+            ("params", "param"),
+            ("strasse", "stra\u{DF}e"), // full folding only
+            ("id", "\u{131}d"),         // dotless ı: Turkic folding only
+            ("id", "\u{130}d"),         // dotted İ
+            ("\u{131}", "\u{130}"),
+            ("name", "n\u{430}me"), // Cyrillic а: alike to the eye only
+            ("name", "name "),
+        ] {
+            assert!(!keys_alike(a, b), "{a:?} {b:?}");
+            assert_ne!(folded(a), folded(b), "{a:?} {b:?}");
+        }
+    }
+
+    /// A schema whose `tools/call` context declares arguments through a
+    /// common type, a nested record and a set of records.
+    const ARGUMENTS_SCHEMA: &str = r#"
+        namespace N {
+          type Args = { repo?: String, scope?: String, opts?: { visibility: String }, items?: Set<{ kind: String }> };
+          entity Agent; entity Tool;
+          action "tools/call" appliesTo { principal: [Agent], resource: [Tool], context: { arguments: Args } };
+        }
+        entity Other;
+        action other appliesTo { principal: [N::Agent], resource: [Other], context: { arguments: { title?: String } } };
+    "#;
+
+    #[test]
+    fn argument_names_are_read_from_the_schema_at_every_depth() {
+        let names = ArgumentNames::from_schema(ARGUMENTS_SCHEMA).expect("names");
+        let mut top: Vec<&str> = names.names.iter().map(|(n, _)| n.as_str()).collect();
+        top.sort_unstable();
+        assert_eq!(top, ["items", "opts", "repo", "scope", "title"]);
+        let within = |n: &str| -> Vec<String> {
+            names
+                .within(n)
+                .map(|a| a.names.iter().map(|(n, _)| n.clone()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(within("opts"), ["visibility"]);
+        assert_eq!(within("items"), ["kind"]);
+        assert!(within("repo").is_empty());
+        // A schema without arguments has none; one Cedar refuses, an error.
+        let plain = ArgumentNames::from_schema(crate::testing::SCHEMA).expect("names");
+        assert!(plain.names.is_empty());
+        assert!(ArgumentNames::from_schema("entity A = { a: Missing };").is_err());
+    }
+
+    #[test]
+    fn keys_a_server_reads_as_another_name_are_refused() {
+        let names = ArgumentNames::from_schema(ARGUMENTS_SCHEMA).expect("names");
+        let call = |params: &str| {
+            format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{params}}}"#)
+        };
+        for (body, expected) in [
+            // Twins: Tether decides on one, a Go server may run the other.
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_issues"},"param\u017f":{"name":"delete_repo"}}"#.to_string(),
+                "spelled alike",
+            ),
+            (
+                call(r#"{"name":"search_issues","arguments":{},"argument\u017f":{"repo":"private"}}"#),
+                "spelled alike",
+            ),
+            (call(r#"{"name":"t","arguments":{"a":1,"\u212a":2,"k":3}}"#), "spelled alike"),
+            (call(r#"{"name":"t","arguments":{"x":[{"stra\u00dfe":1,"STRA\u1e9eE":2}]}}"#), "spelled alike"),
+            // Alone: no member to Tether, the member to a Go server.
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","param\u017f":{}}"#.to_string(),
+                "may read as `params`",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"METHOD":"tools/call","method":"tools/list"}"#.to_string(),
+                "spelled alike",
+            ),
+            (
+                r#"{"JSONRPC":"2.0","id":1,"method":"tools/list"}"#.to_string(),
+                "may read as `jsonrpc`",
+            ),
+            (call(r#"{"name":"t","Arguments":{"repo":"x"}}"#), "may read as `arguments`"),
+            (call(r#"{"name":"t","NAME":"rm"}"#), "spelled alike"),
+            // An argument policy reads, spelled as policy does not.
+            (call(r#"{"name":"t","arguments":{"REPO":"private-vault"}}"#), "may read as `repo`"),
+            (call(r#"{"name":"t","arguments":{"\u017fcope":"private"}}"#), "may read as `scope`"),
+            (call(r#"{"name":"t","arguments":{"opts":{"Visibility":"public"}}}"#), "may read as `visibility`"),
+            (call(r#"{"name":"t","arguments":{"items":[{"kind":"a"},{"\u212aind":"b"}]}}"#), "may read as `kind`"),
+        ] {
+            let denial = McpCall::parse(body.as_bytes(), &names).expect_err(&body);
+            assert_eq!(denial.reason, Reason::BadRequest);
+            assert!(denial.detail.contains(expected), "{body}: {}", denial.detail);
+        }
+        // What no schema name or protocol member is alike may be spelled
+        // any way; declared names nest only where the schema nests them.
+        for params in [
+            r#"{"name":"t","arguments":{"Title2":"x","REPOS":1,"ıd":2}}"#,
+            r#"{"name":"t","arguments":{"x":{"REPO":"y"}},"_meta":{"progressToken":1}}"#,
+            r#"{"name":"t","arguments":{"opts":{"visibility":"public","Kind":1}}}"#,
+        ] {
+            let body = call(params);
+            assert!(McpCall::parse(body.as_bytes(), &names).is_ok(), "{body}");
+        }
+    }
+
+    #[test]
+    fn objects_with_many_keys_are_checked_alike() {
+        let mut arguments: Map<String, Value> =
+            (0..40).map(|i| (format!("k{i}"), 1.into())).collect();
+        let body = |arguments: &Map<String, Value>| {
+            serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                               "params": {"name": "t", "arguments": arguments}})
+            .to_string()
+        };
+        let names = ArgumentNames::default();
+        assert!(McpCall::parse(body(&arguments).as_bytes(), &names).is_ok());
+        arguments.insert("K3\u{17F}".into(), 2.into());
+        arguments.insert("k3s".into(), 2.into());
+        let denial = McpCall::parse(body(&arguments).as_bytes(), &names).expect_err("twins");
+        assert!(denial.detail.contains("spelled alike"), "{}", denial.detail);
+    }
+
+    #[test]
+    fn what_is_forwarded_is_the_call_as_parsed() {
+        let call = McpCall::parse(
+            b"{ \"jsonrpc\" : \"2.0\", \"id\" : 7,\n \"method\":\"tools/call\",\"params\":{\"name\":\"cre\\u0061te_issue\",\"arguments\":{\"repo\":\"caf\\u00e9\",\"n\":1.50}}}",
+            &ArgumentNames::default(),
+        )
+        .expect("valid");
+        assert_eq!(
+            std::str::from_utf8(&call.forward).expect("utf-8"),
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"create_issue","arguments":{"repo":"café","n":1.5}}}"#
+        );
+        assert_eq!(call.tool.as_deref(), Some("create_issue"));
+    }
+
+    #[test]
+    fn twins_of_result_tools_and_name_never_reach_the_client() {
+        let visible = |name: &str| name == "b";
+        for expect in [Expect::ToolsList, Expect::Any] {
+            for (body, expected) in [
+                (
+                    r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"b"}],"Tools":[{"name":"a"}],"tool\u017f":[{"name":"a"}]}}"#,
+                    r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"b"}]}}"#,
+                ),
+                (
+                    r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"b","Name":"a","description":"d"},{"NAME":"b"}]}}"#,
+                    r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"b","description":"d"}]}}"#,
+                ),
+                (
+                    r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]},"RESULT":{"tools":[{"name":"a"}]}}"#,
+                    r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}"#,
+                ),
+                (
+                    r#"{"jsonrpc":"2.0","id":1,"error":{"code":1},"Re\u017fult":{"tools":[{"name":"a"}]}}"#,
+                    r#"{"jsonrpc":"2.0","id":1,"error":{"code":1}}"#,
+                ),
+            ] {
+                let out = filter_answer(body.as_bytes(), expect, visible).expect(body);
+                assert_eq!(
+                    std::str::from_utf8(&out).expect("utf-8"),
+                    expected,
+                    "{expect:?}"
+                );
+            }
+        }
+        // A list a client would read under another spelling alone is no
+        // list to Tether: dropped, and then no answer to a `tools/list`.
+        let twin_only = br#"{"jsonrpc":"2.0","id":1,"result":{"Tools":[{"name":"a"}]}}"#;
+        assert!(filter_answer(twin_only, Expect::ToolsList, visible).is_err());
+        let out = filter_answer(twin_only, Expect::Any, visible).expect("any");
+        assert_eq!(out, br#"{"jsonrpc":"2.0","id":1,"result":{}}"#);
+        // The same in an event stream.
+        let stream = "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"b\",\"N\\u0061ME\":\"a\"}],\"TOOLS\":[{\"name\":\"a\"}]}}\n\n";
+        let out = filter_events_in_chunks(stream.as_bytes(), &[]);
+        assert_eq!(
+            out,
+            "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"b\"}]}}\n\n"
+        );
+    }
+
+    #[test]
+    fn any_answer_on_an_mcp_endpoint_has_its_tools_filtered() {
+        let visible = |name: &str| name == "b";
+        let filter = |body: &str| {
+            filter_answer(body.as_bytes(), Expect::Any, visible)
+                .map(|out| String::from_utf8(out).expect("utf-8"))
+        };
+        // An answer to another call, or a batch, carrying a list of tools.
+        assert_eq!(
+            filter(r#"{"jsonrpc":"2.0","id":8,"result":{"tools":[{"name":"a"},{"name":"b"}]}}"#),
+            Ok(r#"{"jsonrpc":"2.0","id":8,"result":{"tools":[{"name":"b"}]}}"#.into())
+        );
+        assert_eq!(
+            filter(r#"[{"jsonrpc":"2.0","id":7,"result":{"content":[]}},{"jsonrpc":"2.0","id":8,"result":{"tools":[{"name":"a"}]}}]"#),
+            Ok(r#"[{"jsonrpc":"2.0","id":7,"result":{"content":[]}},{"jsonrpc":"2.0","id":8,"result":{"tools":[]}}]"#.into())
+        );
+        // Other answers go on as they were read; nothing stays nothing.
+        let other = r#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"tools"}],"isError":false}}"#;
+        assert_eq!(filter(other), Ok(other.into()));
+        assert_eq!(filter(" \r\n"), Ok(String::new()));
+        // What Tether cannot read, a client might: refused.
+        assert!(
+            filter(r#"{"jsonrpc":"2.0","id":8,"result":{"tools":[{"name":"a"}]},"x":NaN}"#)
+                .is_err()
+        );
+        assert!(filter(r#"{"jsonrpc":"2.0","id":8,"result":{"tools":{"name":"a"}}}"#).is_err());
+
+        // The server's stream, replayed after `Last-Event-ID`: a request
+        // of its own, then an earlier answer to a `tools/list`.
+        let stream = concat!(
+            "id: 4\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"roots/list\",\"Result\":{\"tools\":[{\"name\":\"a\"}]}}\n\n",
+            "id: 5\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"tools\":[{\"name\":\"a\"},{\"name\":\"b\"}]}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":6,\"result\":{\"content\":[]}}\n\n",
+            "data: endpoint\n\n",
+        );
+        let expected = concat!(
+            "id: 4\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"roots/list\"}\n\n",
+            "id: 5\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"tools\":[{\"name\":\"b\"}]}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":6,\"result\":{\"content\":[]}}\n\n",
+            "data: MCP event is not JSON",
+        );
+        for cut in [0, 10, 100, 150] {
+            let out = filter_events_as(Expect::Any, stream.as_bytes(), &[cut]);
+            assert!(out.starts_with(expected), "cut at {cut}: {out}");
         }
     }
 }

@@ -38,6 +38,19 @@ impl HostPattern {
         }
     }
 
+    /// Whether some host matches both patterns.
+    fn overlaps(&self, other: &HostPattern) -> bool {
+        match (self, other) {
+            (HostPattern::Exact(a), HostPattern::Exact(b)) => a == b,
+            (HostPattern::Exact(host), pattern) | (pattern, HostPattern::Exact(host)) => {
+                pattern.matches(host)
+            }
+            (HostPattern::Subdomain(a), HostPattern::Subdomain(b)) => {
+                a.ends_with(b.as_str()) || b.ends_with(a.as_str())
+            }
+        }
+    }
+
     /// Whether `host` (lower case, no port, as [`request_host`] gives it)
     /// matches.
     pub fn matches(&self, host: &str) -> bool {
@@ -84,6 +97,12 @@ pub struct CompiledRoute {
     pub resource_type: EntityTypeName,
     /// Set on MCP routes.
     pub mcp: Option<McpRoute>,
+    /// The MCP route whose server answers this route's requests: the
+    /// route itself, or the first MCP route that may take requests for
+    /// the same path with another method (the `GET` of a Streamable HTTP
+    /// server's stream, a `DELETE` ending a session). Answers on such a
+    /// route are filtered as MCP answers are, against that route's tools.
+    pub mcp_endpoint: Option<usize>,
     /// The resource's attributes, from the route.
     pub resource_attributes: HashMap<String, RestrictedExpression>,
     /// `action_uid` as Cedar writes it, and the start of a resource's
@@ -122,6 +141,29 @@ pub struct ResourceRef {
 }
 
 impl CompiledRoute {
+    /// Whether a request (of any method) could match both `self` and
+    /// `other`: paths of as many segments, each one both may match, on a
+    /// host both may match. Two parameters are taken to overlap whatever
+    /// their types.
+    fn may_share_requests(&self, other: &CompiledRoute) -> bool {
+        let segments = self.segments.len() == other.segments.len()
+            && self
+                .segments
+                .iter()
+                .zip(&other.segments)
+                .all(|pair| match pair {
+                    (Segment::Literal(a), Segment::Literal(b)) => a == b,
+                    (Segment::Literal(l), Segment::Param(p))
+                    | (Segment::Param(p), Segment::Literal(l)) => p.accepts(l),
+                    (Segment::Param(_), Segment::Param(_)) => true,
+                });
+        let hosts = match (&self.hosts, &other.hosts) {
+            (Some(a), Some(b)) => a.iter().any(|a| b.iter().any(|b| a.overlaps(b))),
+            _ => true,
+        };
+        segments && hosts
+    }
+
     /// The Cedar action `m` names.
     pub fn action_uid(&self, m: &RouteMatch) -> EntityUid {
         if m.action == self.action {
@@ -200,6 +242,20 @@ impl RouteTable {
         let mut compiled = Vec::with_capacity(routes.len());
         for (i, r) in routes.iter().enumerate() {
             compiled.push(compile(r, namespace).map_err(|e| (i, e))?);
+        }
+        // Decided once here, so a request pays nothing to know it.
+        let endpoints: Vec<Option<usize>> = compiled
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match r.mcp {
+                Some(_) => Some(i),
+                None => compiled
+                    .iter()
+                    .position(|m| m.mcp.is_some() && r.may_share_requests(m)),
+            })
+            .collect();
+        for (route, endpoint) in compiled.iter_mut().zip(endpoints) {
+            route.mcp_endpoint = endpoint;
         }
         Ok(RouteTable { routes: compiled })
     }
@@ -434,6 +490,7 @@ fn compile(r: &Route, namespace: &str) -> Result<CompiledRoute, String> {
         resource_prefix: format!("{resource_type}::\"").into(),
         tool_prefix: mcp.as_ref().map(|m| format!("{}::\"", m.tool_type).into()),
         resource_type,
+        mcp_endpoint: None,
         mcp,
         resource_attributes,
         hosts,
@@ -513,6 +570,46 @@ mod tests {
         ]))
         .expect("routes");
         RouteTable::new(&routes, "").expect("compiles")
+    }
+
+    #[test]
+    fn routes_that_may_take_an_mcp_endpoints_requests_are_its_endpoint() {
+        let routes: Vec<Route> = serde_json::from_value(serde_json::json!([
+            {"method": "POST", "path": "/mcp", "mcp": {}, "host": "*.example.org",
+             "resource": {"type": "Server", "id": "s"}},
+            // Its stream and session end, on its path: its answers.
+            {"method": "GET", "path": "/mcp", "action": "Listen",
+             "resource": {"type": "Server", "id": "s"}},
+            {"method": "DELETE", "path": "/{any}", "action": "End", "host": "tools.example.org",
+             "resource": {"type": "Server", "id": "s"}},
+            // Other paths, or hosts the MCP route never takes, are not.
+            {"method": "GET", "path": "/mcp/x", "action": "Other",
+             "resource": {"type": "Server", "id": "s"}},
+            {"method": "GET", "path": "/{n:int}", "action": "Other",
+             "resource": {"type": "Server", "id": "s"}},
+            {"method": "GET", "path": "/mcp", "action": "Other", "host": ["example.org", "*.example.com"],
+             "resource": {"type": "Server", "id": "s"}},
+            {"method": "POST", "path": "/mcp", "mcp": {}, "host": "other.test",
+             "resource": {"type": "Server", "id": "s"}},
+            {"method": "GET", "path": "/mcp", "action": "Listen", "host": "other.test",
+             "resource": {"type": "Server", "id": "s"}},
+        ]))
+        .expect("routes");
+        let t = RouteTable::new(&routes, "").expect("compiles");
+        let endpoints: Vec<Option<usize>> = t.iter().map(|r| r.mcp_endpoint).collect();
+        assert_eq!(
+            endpoints,
+            [
+                Some(0),
+                Some(0),
+                Some(0),
+                None,
+                None,
+                None,
+                Some(6),
+                Some(6)
+            ]
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tether_config::{Config, ConfigError, ConfigErrors, Tokens};
 use crate::authorize::{PolicyEngine, PolicySource};
 use crate::identity::jwt::TokenVerifier;
 use crate::lifecycle::Registry;
+use crate::mcp::ArgumentNames;
 use crate::route::{qualified, RouteTable};
 
 /// Registry, routes, policies and token issuers of one generation.
@@ -28,6 +29,9 @@ pub struct Snapshot {
     /// The bearer-token issuers and their keys: none until the proxy,
     /// which reads and fetches the keys, gives them ([`Self::with_tokens`]).
     pub tokens: Arc<TokenVerifier>,
+    /// The names the schema declares in `context.arguments`, which MCP
+    /// tool calls are checked against.
+    pub mcp_arguments: ArgumentNames,
 }
 
 impl Snapshot {
@@ -72,6 +76,14 @@ impl Snapshot {
             message,
         };
         let parsed = PolicyEngine::parse(schema, policies).map_err(ConfigErrors)?;
+        let mcp_arguments = ArgumentNames::from_schema(&schema.text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: schema.path.clone(),
+                position: None,
+                field: String::new(),
+                message: format!("cannot read the names of `context.arguments`: {e}"),
+            }])
+        })?;
         // Shadow policies must be as valid as enforced ones: a broken
         // shadow set would record meaningless disagreements.
         let shadow = match shadow {
@@ -111,6 +123,7 @@ impl Snapshot {
             routes,
             policy,
             tokens: Arc::new(TokenVerifier::new(&Tokens::default(), Vec::new())),
+            mcp_arguments,
         })
     }
 

@@ -163,6 +163,28 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Sends `request`, bytes as they are (a chunked body, say), on a
+    /// connection of its own, and reads the response until the server
+    /// closes the connection.
+    pub async fn send_raw(&self, request: &[u8]) -> anyhow::Result<Response> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = ServerName::IpAddress(self.addr.ip().into());
+        let mut tls = self.connector.connect(name, tcp).await?;
+        tls.write_all(request).await?;
+        tls.flush().await?;
+        let mut raw = Vec::new();
+        // A server that closes without close_notify is fine once we have
+        // a whole response.
+        if let Err(e) = tls.read_to_end(&mut raw).await {
+            if raw.is_empty() {
+                return Err(e.into());
+            }
+        }
+        parse_response(&raw)
+    }
+}
+
 /// One plain-HTTP request (as an agent speaks to an egress Tether on
 /// loopback), read whole.
 pub async fn send_plain(

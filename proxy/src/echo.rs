@@ -80,21 +80,48 @@ pub async fn start_mtls(
 }
 
 /// A minimal MCP server: `tools/list` offers three tools; any other call
-/// is answered with what was received, so a test sees what was forwarded.
+/// is answered with what was received (`raw`: the body's bytes, as text),
+/// so a test sees what was forwarded. Two test switches: `params.cursor`
+/// `"twins"` adds a `Tools` list beside `tools` and a `Name` beside a
+/// tool's `name` (what a Go client would read too); `params._meta.tools`
+/// answers any call with the list of tools, as a server replaying an
+/// earlier answer would.
 fn json_rpc(
     call: &serde_json::Value,
+    raw: &[u8],
     headers: &serde_json::Map<String, serde_json::Value>,
 ) -> serde_json::Value {
-    let result = if call["method"] == "tools/list" {
-        serde_json::json!({"tools": [
-            {"name": "search_issues", "description": "search issues"},
-            {"name": "create_issue", "description": "file an issue"},
-            {"name": "delete_repo", "description": "delete a repository"},
-        ], "_meta": {"accept-encoding": headers.get("accept-encoding")}})
+    let result = if call["method"] == "tools/list" || call["params"]["_meta"]["tools"] == true {
+        let mut result = serde_json::json!({"tools": tools(), "_meta": {"accept-encoding": headers.get("accept-encoding")}});
+        if call["params"]["cursor"] == "twins" {
+            result["Tools"] = tools();
+            result["tools"][0]["Name"] = "delete_repo".into();
+        }
+        result
     } else {
-        serde_json::json!({"received": call, "headers": headers})
+        serde_json::json!({
+            "received": call,
+            "raw": String::from_utf8_lossy(raw),
+            "headers": headers,
+        })
     };
     serde_json::json!({"jsonrpc": "2.0", "id": call["id"], "result": result})
+}
+
+/// The tools the server offers.
+fn tools() -> serde_json::Value {
+    serde_json::json!([
+        {"name": "search_issues", "description": "search issues"},
+        {"name": "create_issue", "description": "file an issue"},
+        {"name": "delete_repo", "description": "delete a repository"},
+    ])
+}
+
+/// The server's `GET` stream resumed after `Last-Event-ID`, as an SDK
+/// event store replays it: the answer to an earlier `tools/list`, whole.
+fn replayed_stream() -> String {
+    let answer = serde_json::json!({"jsonrpc": "2.0", "id": 3, "result": {"tools": tools()}});
+    format!("id: 41\nevent: message\ndata: {answer}\n\n")
 }
 
 /// `answer` as MCP's Streamable HTTP sends it when the client prefers
@@ -155,8 +182,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let request_body = &buf[head_end + 4..consumed];
         let mut content_type = "application/json";
         let body = match serde_json::from_slice::<serde_json::Value>(request_body) {
+            _ if method == "GET" && headers.contains_key("last-event-id") => {
+                content_type = "text/event-stream";
+                replayed_stream()
+            }
             Ok(call) if call.get("jsonrpc").is_some() => {
-                let answer = json_rpc(&call, &headers).to_string();
+                let answer = json_rpc(&call, request_body, &headers).to_string();
                 let accept = headers.get("accept").and_then(|v| v.as_str());
                 match accept {
                     Some(v) if v.starts_with("text/event-stream") => {

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -34,7 +34,11 @@ pub struct TetherProxy {
 pub struct Ctx {
     req: RequestCtx,
     span: Option<RequestSpan>,
-    tools_list: Option<ToolsList>,
+    /// An answer on an MCP endpoint, being filtered.
+    mcp_answer: Option<McpAnswer>,
+    /// Whether the current upstream attempt has been sent the MCP call
+    /// Tether parsed (it replaces the body received).
+    mcp_call_sent: bool,
     /// The upstream chosen for an allowed request.
     upstream: Option<usize>,
     /// The request's method, once its head is read.
@@ -78,10 +82,10 @@ const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 /// The longest a request waits for an issuer's keys to be refetched.
 const KEY_REFETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// A `tools/list` response being filtered.
-enum ToolsList {
+/// An answer on an MCP endpoint being filtered.
+enum McpAnswer {
     /// JSON arriving: held until complete (bounded), then filtered.
-    Buffering(Held),
+    Buffering(Held, mcp::Expect),
     /// Server-Sent Events arriving: each event is held until complete
     /// (bounded), then filtered and sent on.
     Events(Held, mcp::ToolEvents),
@@ -93,19 +97,20 @@ enum ToolsList {
     EventsRefused,
 }
 
-/// Most bytes of a `tools/list` response held for filtering.
-const MAX_TOOLS_LIST: usize = 4 * 1024 * 1024;
+/// Most bytes of an MCP answer (for events, of one event) held for
+/// filtering.
+const MAX_MCP_ANSWER: usize = 4 * 1024 * 1024;
 
-/// The most bytes of `tools/list` answers held at once, by all requests
-/// together: each is bounded, and so is their sum (two hundred agents
-/// listing tools at once must not hold 200 × 4 MiB).
-const MAX_TOOLS_LIST_HELD: usize = 64 * 1024 * 1024;
+/// The most bytes of MCP answers held at once, by all requests together:
+/// each is bounded, and so is their sum (two hundred agents listing tools
+/// at once must not hold 200 × 4 MiB).
+const MAX_MCP_ANSWERS_HELD: usize = 64 * 1024 * 1024;
 
 /// Bytes held in [`Held`] answers now.
-static TOOLS_LIST_HELD: AtomicUsize = AtomicUsize::new(0);
+static MCP_ANSWERS_HELD: AtomicUsize = AtomicUsize::new(0);
 
-/// A `tools/list` answer being held, its bytes counted in
-/// [`TOOLS_LIST_HELD`] until it is dropped.
+/// An MCP answer being held, its bytes counted in [`MCP_ANSWERS_HELD`]
+/// until it is dropped.
 #[derive(Default)]
 struct Held(Vec<u8>);
 
@@ -113,12 +118,12 @@ impl Held {
     /// Adds `chunk`, unless that would take this answer or all of them
     /// over their bound: then `false`, and nothing is added.
     fn extend(&mut self, chunk: &[u8]) -> bool {
-        if self.0.len() + chunk.len() > MAX_TOOLS_LIST {
+        if self.0.len() + chunk.len() > MAX_MCP_ANSWER {
             return false;
         }
-        let before = TOOLS_LIST_HELD.fetch_add(chunk.len(), Ordering::AcqRel);
-        if before + chunk.len() > MAX_TOOLS_LIST_HELD {
-            TOOLS_LIST_HELD.fetch_sub(chunk.len(), Ordering::AcqRel);
+        let before = MCP_ANSWERS_HELD.fetch_add(chunk.len(), Ordering::AcqRel);
+        if before + chunk.len() > MAX_MCP_ANSWERS_HELD {
+            MCP_ANSWERS_HELD.fetch_sub(chunk.len(), Ordering::AcqRel);
             return false;
         }
         self.0.extend_from_slice(chunk);
@@ -128,13 +133,13 @@ impl Held {
     /// Lets go of the first `n` bytes.
     fn consume(&mut self, n: usize) {
         self.0.drain(..n);
-        TOOLS_LIST_HELD.fetch_sub(n, Ordering::AcqRel);
+        MCP_ANSWERS_HELD.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        TOOLS_LIST_HELD.fetch_sub(self.0.len(), Ordering::AcqRel);
+        MCP_ANSWERS_HELD.fetch_sub(self.0.len(), Ordering::AcqRel);
     }
 }
 
@@ -203,7 +208,8 @@ impl ProxyHttp for TetherProxy {
             // under one version even if a reload lands mid-request.
             req: RequestCtx::new(self.app.snapshot.load_full()),
             span: None,
-            tools_list: None,
+            mcp_answer: None,
+            mcp_call_sent: false,
             upstream: None,
             method: None,
             unrecorded: {
@@ -296,13 +302,8 @@ impl ProxyHttp for TetherProxy {
             );
             return self.refuse_at(session, ctx, "upstream", denial).await;
         }
-        if ctx
-            .req
-            .mcp
-            .as_ref()
-            .is_some_and(|m| m.method == "tools/list")
-        {
-            // Its response is read and filtered: it must come as plain JSON.
+        if ctx.req.on_mcp_endpoint() {
+            // Its answer is read and filtered: it must come as plain JSON.
             session
                 .req_header_mut()
                 .remove_header(&http::header::ACCEPT_ENCODING);
@@ -317,6 +318,53 @@ impl ProxyHttp for TetherProxy {
             .ok_or_else(|| Error::explain(pingora::ErrorType::InternalError, "no upstream chosen"))
     }
 
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(call) = &ctx.req.mcp else {
+            return Ok(());
+        };
+        // The body sent is the call as parsed, written out again (see
+        // `request_body_filter`): framed by its own length, in UTF-8 JSON
+        // and unencoded, whatever the client's headers said, so that no
+        // server reads it otherwise (as UTF-16, say, for a `charset`).
+        // Once per attempt: a retry sends it again.
+        ctx.mcp_call_sent = false;
+        upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
+        upstream_request.remove_header(&http::header::CONTENT_ENCODING);
+        upstream_request.insert_header(http::header::CONTENT_LENGTH, call.forward.len())?;
+        upstream_request.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        Ok(())
+    }
+
+    /// On an MCP route, the body the client sent (held by pingora, and
+    /// replayed from there) is replaced by the call Tether parsed, written
+    /// out again: a server can only read what was decided on.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(call) = &ctx.req.mcp else {
+            return Ok(());
+        };
+        // The whole body was read before deciding, so it comes here as
+        // one replayed piece, at its end. Whatever else came is dropped
+        // (empty, so as not to end the body sent before the call is in it).
+        *body = match (end_of_stream, ctx.mcp_call_sent) {
+            (false, _) => Some(Bytes::new()),
+            (true, false) => Some(call.forward.clone()),
+            (true, true) => None,
+        };
+        ctx.mcp_call_sent |= end_of_stream;
+        Ok(())
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -326,55 +374,67 @@ impl ProxyHttp for TetherProxy {
         let request_id = ctx.req.request_id.header_value();
         // Room for the one header every response gains. pingora sizes the
         // map for the headers the upstream sent, with some slack: room for
-        // more than one (the rare filtered `tools/list` adds two) made
+        // more than one (a filtered MCP answer adds two) made
         // nearly every response's map grow, rehashing it.
         headers::edit_response(resp, 1, |headers| {
             headers.try_insert(REQUEST_ID, request_id)
         })
         .map_err(|e| Error::because(pingora::ErrorType::InternalError, "response headers", e))?;
-        // An informational response (`100 Continue`) precedes the real one.
-        if !resp.status.is_informational()
-            && ctx
-                .req
-                .mcp
-                .as_ref()
-                .is_some_and(|m| m.method == "tools/list")
+        let expect = match &ctx.req.mcp {
+            Some(call) if call.method == "tools/list" => mcp::Expect::ToolsList,
+            _ if ctx.req.on_mcp_endpoint() => mcp::Expect::Any,
+            _ => return Ok(()),
+        };
+        // An informational response (`100 Continue`) precedes the real one;
+        // a `HEAD`, a `204` and a `304` are answered with no body.
+        if resp.status.is_informational()
+            || matches!(resp.status.as_u16(), 204 | 304)
+            || ctx.method == Some(http::Method::HEAD)
         {
-            let media_type = resp
-                .headers
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(';').next())
-                .map(|v| v.trim().to_ascii_lowercase())
-                .unwrap_or_default();
-            let json = media_type.contains("json");
-            let events = media_type == "text/event-stream";
-            ctx.tools_list = Some(match (json, events, resp.status.is_success()) {
-                (true, _, true) => ToolsList::Buffering(Held::default()),
-                (_, true, true) => ToolsList::Events(Held::default(), Default::default()),
-                _ => ToolsList::Refuse,
-            });
-            if !json && !events {
-                resp.set_status(502)?;
-            }
-            // The body is Tether's UTF-8, whatever `charset` the upstream
-            // named: a client decoding it as UTF-7 would read `+AAo-` in a
-            // string as a line break, and events of its own after it.
-            resp.insert_header(
-                "content-type",
-                if events {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                },
-            )?;
-            // The filtered body has another length, and is plain JSON
-            // (the request asked for no encoding, and whatever the upstream
-            // sent is replaced).
-            resp.remove_header("content-length");
-            resp.remove_header("content-encoding");
-            resp.insert_header("transfer-encoding", "chunked")?;
+            return Ok(());
         }
+        let media_type = resp
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let json = media_type.contains("json");
+        let events = media_type == "text/event-stream";
+        let tools_list = expect == mcp::Expect::ToolsList;
+        ctx.mcp_answer = match (json, events, resp.status.is_success() || !tools_list) {
+            (true, _, true) => Some(McpAnswer::Buffering(Held::default(), expect)),
+            (_, true, true) => Some(McpAnswer::Events(
+                Held::default(),
+                mcp::ToolEvents::new(expect),
+            )),
+            // Only a `tools/list` answer must hold a list Tether can see;
+            // the server's other answers (a `202` with no body, a page)
+            // go on as they came.
+            _ if tools_list => Some(McpAnswer::Refuse),
+            _ => return Ok(()),
+        };
+        if !json && !events {
+            resp.set_status(502)?;
+        }
+        // The body is Tether's UTF-8, whatever `charset` the upstream
+        // named: a client decoding it as UTF-7 would read `+AAo-` in a
+        // string as a line break, and events of its own after it.
+        resp.insert_header(
+            "content-type",
+            if events {
+                "text/event-stream"
+            } else {
+                "application/json"
+            },
+        )?;
+        // The filtered body has another length, and is plain JSON
+        // (the request asked for no encoding, and whatever the upstream
+        // sent is replaced).
+        resp.remove_header("content-length");
+        resp.remove_header("content-encoding");
+        resp.insert_header("transfer-encoding", "chunked")?;
         Ok(())
     }
 
@@ -385,7 +445,7 @@ impl ProxyHttp for TetherProxy {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<std::time::Duration>> {
-        let Some(state) = &mut ctx.tools_list else {
+        let Some(state) = &mut ctx.mcp_answer else {
             return Ok(None);
         };
         // Nothing the upstream sent goes on as it came.
@@ -401,19 +461,19 @@ impl ProxyHttp for TetherProxy {
             )
         };
         match state {
-            ToolsList::Buffering(held) => {
+            McpAnswer::Buffering(held, _) => {
                 if !held.extend(&chunk) {
-                    *state = ToolsList::Refuse;
+                    *state = McpAnswer::Refuse;
                 }
             }
-            ToolsList::Events(held, stream) => {
+            McpAnswer::Events(held, stream) => {
                 if !held.extend(&chunk) {
-                    let why = format!("a tools/list event over {MAX_TOOLS_LIST} bytes");
+                    let why = format!("an MCP event over {MAX_MCP_ANSWER} bytes");
                     let mut event = b"data: ".to_vec();
                     event.extend_from_slice(&refused(why));
                     event.extend_from_slice(b"\n\n");
                     *body = Some(event.into());
-                    *state = ToolsList::EventsRefused;
+                    *state = McpAnswer::EventsRefused;
                 } else {
                     let (events, used) = stream.filter(&held.0, end_of_stream, visible, refused);
                     held.consume(used);
@@ -421,19 +481,21 @@ impl ProxyHttp for TetherProxy {
                 }
                 return Ok(None);
             }
-            ToolsList::Refuse | ToolsList::EventsRefused => {}
+            McpAnswer::Refuse | McpAnswer::EventsRefused => {}
         }
         if !end_of_stream {
             return Ok(None);
         }
         let filtered = match state {
-            ToolsList::Buffering(held) => mcp::filter_tools(&held.0, visible),
-            ToolsList::Refuse => Err("tools/list response is not JSON Tether can filter".into()),
-            ToolsList::Events(..) | ToolsList::EventsRefused => return Ok(None),
+            McpAnswer::Buffering(held, expect) => mcp::filter_answer(&held.0, *expect, visible),
+            McpAnswer::Refuse => Err(format!(
+                "MCP response is not JSON Tether can filter, or is over {MAX_MCP_ANSWER} bytes"
+            )),
+            McpAnswer::Events(..) | McpAnswer::EventsRefused => return Ok(None),
         };
         *body = Some(Bytes::from(filtered.unwrap_or_else(refused)));
         // What was held is let go now, not with the request.
-        ctx.tools_list = None;
+        ctx.mcp_answer = None;
         Ok(None)
     }
 
@@ -542,16 +604,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn held_tools_list_answers_are_bounded_each_and_together() {
+    fn held_mcp_answers_are_bounded_each_and_together() {
         let mut one = Held::default();
-        assert!(one.extend(&vec![b' '; MAX_TOOLS_LIST]));
+        assert!(one.extend(&vec![b' '; MAX_MCP_ANSWER]));
         assert!(!one.extend(b" "), "one answer over its bound");
         // Together: as many whole answers as the sum allows, then none,
         // until one is let go.
         let mut held = vec![one];
-        while held.len() < MAX_TOOLS_LIST_HELD / MAX_TOOLS_LIST {
+        while held.len() < MAX_MCP_ANSWERS_HELD / MAX_MCP_ANSWER {
             let mut next = Held::default();
-            assert!(next.extend(&vec![b' '; MAX_TOOLS_LIST]));
+            assert!(next.extend(&vec![b' '; MAX_MCP_ANSWER]));
             held.push(next);
         }
         let mut refused = Held::default();
@@ -560,6 +622,6 @@ mod tests {
         assert!(refused.extend(b"{}"));
         drop(held);
         drop(refused);
-        assert_eq!(TOOLS_LIST_HELD.load(Ordering::Acquire), 0);
+        assert_eq!(MCP_ANSWERS_HELD.load(Ordering::Acquire), 0);
     }
 }
