@@ -10,6 +10,7 @@
 pub mod authorize;
 pub mod context;
 pub mod credentials;
+pub mod fold;
 pub mod headers;
 pub mod identity;
 pub mod lifecycle;
