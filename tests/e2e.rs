@@ -337,6 +337,23 @@ fn paths_are_decided_and_forwarded_in_normalized_form() {
 }
 
 #[test]
+fn paths_match_ignoring_case_for_an_upstream_that_routes_so() {
+    // By default `/V1/ADMIN` is no route of Tether's (and most servers'):
+    // refused. An ASP.NET upstream would serve its admin handler for it,
+    // so with `paths.case: insensitive` it is decided as `/v1/admin`.
+    let sensitive = World::new();
+    assert_refused(&sensitive.get(TRIAGE, "/V1/ADMIN"), 403, "no_route");
+    let w = World::with(|c| c.paths.case = tether_config::PathCase::Insensitive);
+    assert_refused(&w.get(TRIAGE, "/V1/ADMIN"), 403, "policy_denied");
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["action"], "Action::\"Administer\"", "{line}");
+    // Allowed, and forwarded as sent: only the matching ignores case.
+    let r = w.get(TRIAGE, "/V1/Repos/tether/ISSUES");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json().expect("echo")["target"], "/V1/Repos/tether/ISSUES");
+}
+
+#[test]
 fn a_cached_decision_is_the_same_as_the_fresh_one() {
     let w = World::new();
     for _ in 0..2 {

@@ -183,6 +183,10 @@ fn the_egress_example_loads_with_a_pod_svid() {
     let (code, stdout) = check(&dir.path().join("egress.yaml"));
     assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("1 token issuers"), "{stdout}");
+    assert!(
+        stdout.contains("route paths match case-sensitively (`paths.case: sensitive`)"),
+        "check says how paths are matched: {stdout}"
+    );
     assert!(!stdout.contains("SPIFFE bundle"), "{stdout}");
     assert!(!stdout.contains("chosen by host"), "{stdout}");
     // A route for any host, where an upstream is chosen by host: its

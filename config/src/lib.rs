@@ -61,6 +61,9 @@ pub struct Config {
     pub policy: Policy,
     /// Method + path templates mapped to Cedar actions and resources.
     pub routes: Vec<Route>,
+    /// How request paths are read, to read them as the upstream does.
+    #[serde(default)]
+    pub paths: Paths,
     /// The decision cache.
     #[serde(default)]
     pub cache: Cache,
@@ -591,6 +594,29 @@ fn unique_keys<'de, D: serde::Deserializer<'de>>(
         }
     }
     d.deserialize_map(Unique)
+}
+
+/// How request paths are read. Routing and policy must read a path as
+/// the upstream will, or a request is decided as one path and served as
+/// another.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Paths {
+    /// Whether route literals match the request's path whatever its case.
+    pub case: PathCase,
+}
+
+/// How route literals compare with a request's path segments.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PathCase {
+    /// Exactly: `/V1/ADMIN` is not `/v1/admin`, as most servers route.
+    #[default]
+    Sensitive,
+    /// Ignoring case (Unicode simple case folding), for upstreams that
+    /// route so (ASP.NET, IIS): `/V1/ADMIN` is decided as `/v1/admin`.
+    /// Parameters keep their case, and the path is forwarded as sent.
+    Insensitive,
 }
 
 /// The decision cache.

@@ -234,6 +234,11 @@ impl CompiledRoute {
 #[derive(Default)]
 pub struct RouteTable {
     routes: Vec<CompiledRoute>,
+    /// `path_case: insensitive`: literals match whatever the request's
+    /// case, as an upstream that routes ignoring case (ASP.NET, IIS)
+    /// matches them; otherwise `/V1/ADMIN` would miss the `/v1/admin`
+    /// route Tether decides on and reach the admin handler all the same.
+    ignore_case: bool,
 }
 
 impl RouteTable {
@@ -257,7 +262,19 @@ impl RouteTable {
         for (route, endpoint) in compiled.iter_mut().zip(endpoints) {
             route.mcp_endpoint = endpoint;
         }
-        Ok(RouteTable { routes: compiled })
+        Ok(RouteTable {
+            routes: compiled,
+            ignore_case: false,
+        })
+    }
+
+    /// This table, matching path literals ignoring case (Unicode simple
+    /// case folding, [`crate::fold`]) when `ignore_case`.
+    pub fn ignoring_case(self, ignore_case: bool) -> RouteTable {
+        RouteTable {
+            ignore_case,
+            ..self
+        }
     }
 
     /// The route at `index`.
@@ -314,6 +331,8 @@ impl RouteTable {
                 };
                 match segment {
                     Segment::Literal(lit) if lit == value => {}
+                    Segment::Literal(lit) if self.ignore_case && crate::fold::alike(lit, value) => {
+                    }
                     Segment::Literal(_) => continue 'routes,
                     Segment::Param(kind) if !kind.accepts(value) => continue 'routes,
                     Segment::Param(_) => params.push(value),
@@ -610,6 +629,31 @@ mod tests {
                 Some(6)
             ]
         );
+    }
+
+    #[test]
+    fn literals_match_ignoring_case_only_when_asked() {
+        let sensitive = table();
+        let insensitive = table().ignoring_case(true);
+        for (path, exact, ignoring) in [
+            ("/v1/admin", Some(2), Some(2)),
+            ("/V1/ADMIN", None, Some(2)),
+            ("/v1/Admin", Some(5), Some(2)),
+            ("/v1/DOCS:PURGE", Some(5), Some(3)),
+            // Simple case folding: `ſ` (U+017F) is `s`, `É` is `é`.
+            ("/v1/doc%C5%BF:purge", Some(5), Some(3)),
+            ("/v1/CAF%C3%89", Some(5), Some(4)),
+            ("/V1/REPOS/Acme/Tether/ISSUES", None, Some(0)),
+        ] {
+            let found = |t: &RouteTable| t.find("GET", path).map(|m| m.index);
+            assert_eq!(found(&sensitive), exact, "{path}");
+            assert_eq!(found(&insensitive), ignoring, "{path}");
+        }
+        // Parameters keep the case they were sent in: ids are values.
+        let m = insensitive
+            .find("GET", "/V1/REPOS/Acme/Tether/ISSUES")
+            .expect("matched");
+        assert_eq!(m.resource.id, "Acme/Tether");
     }
 
     #[test]

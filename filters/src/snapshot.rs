@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cedar_policy::EntityTypeName;
-use tether_config::{Config, ConfigError, ConfigErrors, Tokens};
+use tether_config::{Config, ConfigError, ConfigErrors, PathCase, Tokens};
 
 use crate::authorize::{PolicyEngine, PolicySource};
 use crate::identity::jwt::TokenVerifier;
@@ -103,7 +103,8 @@ impl Snapshot {
         let policy = PolicyEngine::assemble(parsed, shadow, &registry)
             .map_err(|e| ConfigErrors(vec![at("registry".into(), e)]))?;
         let routes = RouteTable::new(&config.routes, namespace)
-            .map_err(|(i, e)| ConfigErrors(vec![at(format!("routes[{i}]"), e)]))?;
+            .map_err(|(i, e)| ConfigErrors(vec![at(format!("routes[{i}]"), e)]))?
+            .ignoring_case(config.paths.case == PathCase::Insensitive);
         let errors: Vec<ConfigError> = routes
             .iter()
             .enumerate()

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
-use tether_config::Config;
+use tether_config::{Config, PathCase};
 use tether_filters::identity::tls::SpiffeClientVerifier;
 use tether_filters::record::Metrics;
 use tether_filters::Snapshot;
@@ -153,13 +153,20 @@ pub fn run(config_path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
     }
     writeln!(
         out,
-        "{}: ok: {} agents, {} routes, {} policies, {} trust domains, {} token issuers",
+        "{}: ok: {} agents, {} routes, {} policies, {} trust domains, {} token issuers; \
+         route paths match {}",
         config_path.display(),
         snapshot.registry.len(),
         snapshot.routes.iter().count(),
         snapshot.policy.set.policies().count(),
         config.trust_domains.len(),
-        config.tokens.issuers.len()
+        config.tokens.issuers.len(),
+        // A choice about the upstream that decides what policy sees:
+        // said on every check, so that a reviewer reads it.
+        match config.paths.case {
+            PathCase::Sensitive => "case-sensitively (`paths.case: sensitive`)",
+            PathCase::Insensitive => "ignoring case (`paths.case: insensitive`)",
+        }
     )?;
     Ok(true)
 }
