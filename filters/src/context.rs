@@ -17,6 +17,7 @@ use crate::identity::PeerIdentity;
 use crate::lifecycle::Agent;
 use crate::mcp::McpCall;
 use crate::route::RouteMatch;
+use crate::upstream::UpstreamChoice;
 use crate::{Denial, Snapshot};
 
 /// How the caller proved who it is.
@@ -173,6 +174,8 @@ pub struct RequestCtx {
     pub decision: Option<Arc<Decision>>,
     /// authorize: whether the decision came from the cache.
     pub cache_hit: Option<bool>,
+    /// upstream: where the request goes, once allowed.
+    pub upstream: Option<UpstreamChoice>,
     /// The refusal, if a stage refused.
     pub denial: Option<Denial>,
     /// The stage that refused.
@@ -204,6 +207,7 @@ impl RequestCtx {
             mcp: None,
             decision: None,
             cache_hit: None,
+            upstream: None,
             denial: None,
             denied_by: None,
             allowed: false,

@@ -21,6 +21,7 @@ pub mod record;
 pub mod route;
 pub mod sanitize;
 pub mod snapshot;
+pub mod upstream;
 
 use std::sync::Arc;
 

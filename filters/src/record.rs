@@ -277,7 +277,7 @@ pub struct AuditRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool: Option<&'a str>,
     /// The upstream chosen for it (its `name`, else its address), once
-    /// every stage allowed it.
+    /// policy allowed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<&'a str>,
     /// The policies that determined the decision.
@@ -365,7 +365,7 @@ impl<'a> AuditRecord<'a> {
             resource: matched.and_then(|(m, r)| r.resource_text(m)),
             mcp_method: ctx.mcp.as_ref().map(|m| m.method.as_str()),
             tool: ctx.mcp.as_ref().and_then(|m| m.tool.as_deref()),
-            upstream: None,
+            upstream: ctx.upstream.as_ref().map(|u| &*u.name),
             policies: ctx.decision.as_deref().map_or(&[], |d| &d.policies),
             cached: ctx.cache_hit,
             shadow: ctx

@@ -69,14 +69,23 @@ pub fn snapshot_with(generation: u64, policies: &str) -> Snapshot {
     world(generation, policies, None, "platform")
 }
 
-/// A snapshot of the test world: `policies` enforced, `shadow` beside
-/// them, and Alice's bot in `alice_team`.
-pub fn world(generation: u64, policies: &str, shadow: Option<&str>, alice_team: &str) -> Snapshot {
-    let config = Config::from_yaml(
+/// The test world's config.
+pub fn config() -> Config {
+    config_with("platform")
+}
+
+fn config_with(alice_team: &str) -> Config {
+    Config::from_yaml(
         &CONFIG.replace("ALICE_TEAM", alice_team),
         Path::new("test.yaml"),
     )
-    .expect("test config");
+    .expect("test config")
+}
+
+/// A snapshot of the test world: `policies` enforced, `shadow` beside
+/// them, and Alice's bot in `alice_team`.
+pub fn world(generation: u64, policies: &str, shadow: Option<&str>, alice_team: &str) -> Snapshot {
+    let config = config_with(alice_team);
     let source = |name: &str, text: &str| PolicySource {
         path: PathBuf::from(name),
         text: text.to_string(),

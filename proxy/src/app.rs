@@ -21,6 +21,7 @@ use tether_filters::mcp::Mcp;
 use tether_filters::record::{AuditSink, Metrics};
 use tether_filters::route::Routing;
 use tether_filters::sanitize::Sanitize;
+use tether_filters::upstream::{SelectUpstream, UpstreamTable};
 use tether_filters::{Chain, Snapshot};
 
 use crate::certs::{ServerCert, WorkloadSvid};
@@ -109,6 +110,11 @@ pub fn chain(config: &Config, cache: Arc<DecisionCache>, metrics: &Metrics) -> C
         Box::new(Mcp),
         // Whether policy allows it: needs the principal, agent and route.
         Box::new(Authorize::new(cache, metrics.shadow_disagreements.clone())),
+        // Where it goes, by the host and normalized path routing read:
+        // after the decision, so a refused request is recorded as policy
+        // refused it, and a request no upstream takes goes nowhere.
+        // Upstreams change only at a restart: the table is the config's.
+        Box::new(SelectUpstream::new(Arc::new(UpstreamTable::new(config)))),
         // Last: only an allowed request gets the verified identity headers.
         Box::new(Credentials),
     ])

@@ -190,11 +190,11 @@ fn routes_any_upstream_may_take(config: &Config) -> Vec<(String, String)> {
             let prefix = upstream.path_prefix.as_deref();
             match (&upstream.hosts, prefix) {
                 (None, None) => break,
-                (None, Some(p)) if crate::upstreams::under_prefix(literal, p) => break,
+                (None, Some(p)) if tether_filters::upstream::under_prefix(literal, p) => break,
                 (None, Some(_)) => {}
                 (Some(_), p) => {
                     let overlaps = p.is_none_or(|p| {
-                        crate::upstreams::under_prefix(literal, p) || p.starts_with(literal)
+                        tether_filters::upstream::under_prefix(literal, p) || p.starts_with(literal)
                     });
                     if overlaps {
                         let name = upstream.name.as_deref().unwrap_or(&upstream.address);

@@ -242,6 +242,9 @@ fn render(q: &Query, r: &serde_json::Value) -> String {
             policies.join(", ")
         }
     ));
+    if let Some(upstream) = r["upstream"].as_str() {
+        out.push_str(&format!("  upstream   {upstream}\n"));
+    }
     if let Some(stage) = r["stage"].as_str() {
         out.push_str(&format!("  refused by {stage}: {}\n", s("detail")));
     }

@@ -39,8 +39,6 @@ pub struct Ctx {
     /// Whether the current upstream attempt has been sent the MCP call
     /// Tether parsed (it replaces the body received).
     mcp_call_sent: bool,
-    /// The upstream chosen for an allowed request.
-    upstream: Option<usize>,
     /// The request's method, once its head is read.
     method: Option<http::Method>,
     /// Until the request is recorded: where a request dropped unrecorded
@@ -149,31 +147,36 @@ impl TetherProxy {
         TetherProxy { app, upstreams }
     }
 
-    /// Answers a refusal decided outside the chain (reading the body, no
-    /// upstream): recorded as if the stage `stage` made it.
-    async fn refuse_at(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        stage: &'static str,
-        denial: Denial,
-    ) -> Result<bool> {
-        ctx.req.denied_by = Some(stage);
-        ctx.req.denial = Some(denial.clone());
-        self.refuse(session, ctx, &denial).await;
-        Ok(true)
-    }
-
-    /// Answers a refusal. The decision is made and recorded whether or not
-    /// the client is still there to read it: a failed write is logged, and
-    /// never turns the record into a proxy error.
+    /// Every refusal, from a stage of the chain or from a hook (the body
+    /// not read in time, the upstream failing), goes through here: the
+    /// denial and the stage that made it are what `logging` records, with
+    /// the metrics, and the client is answered with the reason's status
+    /// and body (JSON, or a JSON-RPC error on an MCP route). The decision
+    /// is recorded whether or not the client is still there to read it:
+    /// a failed write is logged, and never turns the record into a proxy
+    /// error.
     ///
     /// The connection is kept, so a client refused again and again does
     /// not pay a handshake each time, unless the refusal leaves a request
     /// body unread: pingora then closes it (its default
     /// `close_on_response_before_downstream_finish`), so the body is never
     /// read as the next request. `tests/e2e.rs` holds both.
-    async fn refuse(&self, session: &mut Session, ctx: &Ctx, denial: &Denial) {
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        stage: &'static str,
+        denial: Denial,
+    ) {
+        // A client that went away cannot be answered, and a response begun
+        // cannot be replaced.
+        let answerable =
+            denial.reason != Reason::ClientClosed && session.response_written().is_none();
+        ctx.req.denied_by = Some(stage);
+        ctx.req.denial = Some(denial);
+        let Some(denial) = ctx.req.denial.as_ref().filter(|_| answerable) else {
+            return;
+        };
         if let Err(e) = write_refusal(session, ctx, denial).await {
             // Whatever reached the client, nothing more goes on this connection.
             session.set_keepalive(None);
@@ -210,7 +213,6 @@ impl ProxyHttp for TetherProxy {
             span: None,
             mcp_answer: None,
             mcp_call_sent: false,
-            upstream: None,
             method: None,
             unrecorded: {
                 self.app.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -267,7 +269,8 @@ impl ProxyHttp for TetherProxy {
                         Ok(body) => ctx.req.body = Some(body),
                         Err(denial) => {
                             let stage = self.app.chain.name_at(resume_at);
-                            return self.refuse_at(session, ctx, stage, denial).await;
+                            self.refuse(session, ctx, stage, denial).await;
+                            return Ok(true);
                         }
                     }
                     resume_at
@@ -284,7 +287,8 @@ impl ProxyHttp for TetherProxy {
                     resume_at
                 }
                 Err(denial) => {
-                    self.refuse(session, ctx, &denial).await;
+                    let stage = ctx.req.denied_by.unwrap_or("chain");
+                    self.refuse(session, ctx, stage, denial).await;
                     return Ok(true);
                 }
             };
@@ -292,15 +296,6 @@ impl ProxyHttp for TetherProxy {
                 .app
                 .chain
                 .run_from(resume_at, session.req_header_mut(), &mut ctx.req);
-        }
-        let host = ctx.req.host.as_deref();
-        ctx.upstream = self.upstreams.select(host, &ctx.req.path);
-        if ctx.upstream.is_none() {
-            let denial = Denial::new(
-                Reason::NoRoute,
-                format!("no upstream for host {host:?} and path `{}`", ctx.req.path),
-            );
-            return self.refuse_at(session, ctx, "upstream", denial).await;
         }
         if ctx.req.on_mcp_endpoint() {
             // Its answer is read and filtered: it must come as plain JSON.
@@ -313,8 +308,10 @@ impl ProxyHttp for TetherProxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        ctx.upstream
-            .and_then(|i| self.upstreams.peer(i, self.app.workload.as_deref()))
+        ctx.req
+            .upstream
+            .as_ref()
+            .and_then(|u| self.upstreams.peer(u.index, self.app.workload.as_deref()))
             .ok_or_else(|| Error::explain(pingora::ErrorType::InternalError, "no upstream chosen"))
     }
 
@@ -512,13 +509,8 @@ impl ProxyHttp for TetherProxy {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let reason = failure_reason(e);
-        let denial = Denial::new(reason, e.to_string());
-        ctx.req.denial = Some(denial.clone());
-        ctx.req.denied_by = Some("upstream");
-        // A dead client connection cannot be answered.
-        if reason != Reason::ClientClosed && session.response_written().is_none() {
-            self.refuse(session, ctx, &denial).await;
-        }
+        self.refuse(session, ctx, "upstream", Denial::new(reason, e.to_string()))
+            .await;
         FailToProxy {
             error_code: reason.status(),
             can_reuse_downstream: false,
@@ -538,8 +530,7 @@ impl ProxyHttp for TetherProxy {
         };
         let method = session.req_header().method.as_str();
         let trace_id = ctx.span.as_ref().map(Telemetry::trace_id);
-        let mut record = AuditRecord::new(&ctx.req, method, reason, status, trace_id);
-        record.upstream = ctx.upstream.map(|i| self.upstreams.name(i));
+        let record = AuditRecord::new(&ctx.req, method, reason, status, trace_id);
         self.app.metrics.observe(
             reason,
             ctx.req.allowed,

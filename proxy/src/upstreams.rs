@@ -1,7 +1,7 @@
-//! Where an allowed request goes: one upstream in front of an API, or, on
-//! the agent's side, several chosen by host or path prefix. Chosen after
-//! the chain allowed the request, from the same host and normalized path
-//! the route was matched on; nothing leaves without a match.
+//! The upstreams' peers: addresses, TLS, and the SPIFFE ID an upstream
+//! must present. Which upstream a request goes to is the chain's
+//! `upstream` stage (`tether_filters::upstream`); its index names the peer
+//! here.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,7 +20,6 @@ use rustls::pki_types::ServerName;
 use tether_config::spiffe::SpiffeId;
 use tether_config::{Config, Upstream};
 use tether_filters::identity::tls::{ExpectedServer, SpiffeClientVerifier, SpiffeServerVerifier};
-use tether_filters::route::HostPattern;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -44,8 +43,6 @@ pub struct Upstreams {
 
 struct Entry {
     name: String,
-    hosts: Option<Vec<HostPattern>>,
-    path_prefix: Option<String>,
     /// Boxed as pingora wants it: a `Box`'s clone is written straight
     /// into its new allocation, where cloning the peer (some 500 bytes)
     /// and boxing it copied it twice more, every request.
@@ -68,11 +65,6 @@ impl Upstreams {
                     None => peer(u),
                 };
                 Ok(Entry {
-                    hosts: u
-                        .hosts
-                        .as_ref()
-                        .map(|h| h.values().into_iter().map(HostPattern::new).collect()),
-                    path_prefix: u.path_prefix.clone(),
                     peer: peer
                         .map(Box::new)
                         .with_context(|| format!("upstream `{name}` ({i})"))?,
@@ -84,25 +76,6 @@ impl Upstreams {
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Upstreams { entries })
-    }
-
-    /// The first upstream whose hosts and path prefix match.
-    pub fn select(&self, host: Option<&str>, path: &str) -> Option<usize> {
-        self.entries.iter().position(|e| {
-            let host_ok = match &e.hosts {
-                None => true,
-                Some(patterns) => host.is_some_and(|h| patterns.iter().any(|p| p.matches(h))),
-            };
-            host_ok
-                && e.path_prefix
-                    .as_deref()
-                    .is_none_or(|p| under_prefix(path, p))
-        })
-    }
-
-    /// The name of upstream `index`, for records.
-    pub fn name(&self, index: usize) -> &str {
-        self.entries.get(index).map_or("", |e| &e.name)
     }
 
     /// A peer for upstream `index`, presenting the workload's current SVID
@@ -323,34 +296,5 @@ impl AsyncWrite for SpiffeStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-/// Whether `path` is `prefix` or below it, by whole segments: `/mcp` holds
-/// `/mcp` and `/mcp/x`, never `/mcpadmin`.
-pub(crate) fn under_prefix(path: &str, prefix: &str) -> bool {
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
-        None => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::under_prefix;
-
-    #[test]
-    fn a_path_prefix_matches_whole_segments() {
-        for (path, prefix, under) in [
-            ("/mcp", "/mcp", true),
-            ("/mcp/tools", "/mcp", true),
-            ("/mcpadmin/x", "/mcp", false),
-            ("/mcp", "/mcp/", false),
-            ("/v1/repos/x", "/v1/repos/", true),
-            ("/v1/reposx", "/v1/repos/", false),
-            ("/anything", "/", true),
-        ] {
-            assert_eq!(under_prefix(path, prefix), under, "{path} under {prefix}");
-        }
     }
 }
