@@ -465,12 +465,13 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
 
 /// Hashes the contents of the config file and every file the running
 /// config names (following symlinks, as a ConfigMap mount needs), so any
-/// change, however it is made, changes the fingerprint.
+/// change, however it is made, changes the fingerprint. A file whose
+/// metadata has not changed is not read again ([`crate::watch`]).
 fn fingerprint(config_path: &Path, config: &Config) -> u64 {
     let mut h = DefaultHasher::new();
     let mut file = |p: &Path| {
         p.hash(&mut h);
-        std::fs::read(p).ok().hash(&mut h);
+        crate::watch::content_hash(p).hash(&mut h);
     };
     file(config_path);
     // The running config's paths are resolved already; the config file on
@@ -520,7 +521,7 @@ fn restart_only_files(config: &Config) -> u64 {
         .filter_map(|u| u.tls.as_ref()?.ca.as_ref());
     for ca in upstreams {
         ca.hash(&mut h);
-        std::fs::read(ca).ok().hash(&mut h);
+        crate::watch::content_hash(ca).hash(&mut h);
     }
     h.finish()
 }

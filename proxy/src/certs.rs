@@ -56,8 +56,8 @@ impl Files {
 
     fn fingerprint(&self) -> u64 {
         let mut h = DefaultHasher::new();
-        std::fs::read(&self.cert).ok().hash(&mut h);
-        std::fs::read(&self.key).ok().hash(&mut h);
+        crate::watch::content_hash(&self.cert).hash(&mut h);
+        crate::watch::content_hash(&self.key).hash(&mut h);
         h.finish()
     }
 
