@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -446,7 +446,8 @@ fn address_text(address: IpAddr) -> AddressText {
 pub struct AuditSink {
     queue: Arc<AuditQueue>,
     writer: std::thread::Thread,
-    done: Arc<AtomicBool>,
+    /// Hears from the writer when it has written its last batch.
+    done: Mutex<mpsc::Receiver<()>>,
 }
 
 struct AuditQueue {
@@ -500,18 +501,18 @@ impl AuditSink {
             dropped,
             closing: AtomicBool::new(false),
         });
-        let done = Arc::new(AtomicBool::new(false));
-        let (q, d) = (queue.clone(), done.clone());
+        let (done, finished) = mpsc::channel();
+        let q = queue.clone();
         let handle = std::thread::Builder::new()
             .name("tether-audit".into())
             .spawn(move || {
                 write_lines(&q, writer);
-                d.store(true, Ordering::Release);
+                let _ = done.send(());
             })?;
         let sink = AuditSink {
             queue,
             writer: handle.thread().clone(),
-            done,
+            done: Mutex::new(finished),
         };
         Ok((sink, handle))
     }
@@ -520,10 +521,10 @@ impl AuditSink {
     /// at shutdown, so no line is lost with the process.
     pub fn close(&self, timeout: Duration) {
         self.stop();
-        let deadline = std::time::Instant::now() + timeout;
-        while !self.done.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        // Finished, timed out, or gone (a writer that ended without a
+        // word): nothing more to wait for in any case.
+        let _ = done.recv_timeout(timeout);
     }
 
     fn stop(&self) {

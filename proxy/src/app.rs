@@ -5,7 +5,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -63,7 +63,9 @@ pub struct App {
     /// only a restart applies a change to them.
     restart_only_files: u64,
     /// Requests begun and not yet recorded (see `proxy::Ctx`).
-    pub in_flight: AtomicUsize,
+    in_flight: AtomicUsize,
+    /// Signalled when the last request in flight is recorded.
+    idle: (Mutex<()>, Condvar),
 }
 
 /// The files a reload reads, and their fingerprint when last loaded.
@@ -193,21 +195,36 @@ impl App {
             workload,
             bundle_expiry: Mutex::new(bundle_expiry),
             in_flight: AtomicUsize::new(0),
+            idle: (Mutex::new(()), Condvar::new()),
         })
+    }
+
+    /// A request began: it is in flight until [`Self::request_recorded`].
+    pub fn request_began(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request's record is queued.
+    pub fn request_recorded(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Taken so a waiter between its check and its wait is woken.
+            let _held = self.idle.0.lock().unwrap_or_else(|p| p.into_inner());
+            self.idle.1.notify_all();
+        }
     }
 
     /// Waits up to `timeout` for the requests in flight to be recorded: at
     /// shutdown, pingora's runtimes drop their tasks in the background,
     /// and a dropped request writes its audit line as it goes.
     pub fn wait_for_requests(&self, timeout: Duration) {
-        let deadline = std::time::Instant::now() + timeout;
-        while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let held = self.idle.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.idle.1.wait_timeout_while(held, timeout, |_| {
+            self.in_flight.load(Ordering::Acquire) > 0
+        });
     }
 
-    /// Starts what runs beside the proxy: the reload and rotation watcher
-    /// and the fetches of the issuers' URL key sources.
+    /// Starts the fetches of the issuers' URL key sources. (The reload and
+    /// rotation watcher is a service of the server: [`Watcher`].)
     pub fn start_background(self: &Arc<Self>) -> anyhow::Result<()> {
         {
             let watched = self
@@ -220,7 +237,6 @@ impl App {
                 }
             }
         }
-        self.watch();
         Ok(())
     }
 
@@ -404,35 +420,52 @@ impl App {
         }
     }
 
-    /// Polls the config and every file it names; reloads on change.
-    fn watch(self: &Arc<Self>) {
-        if !self.config.reload.watch {
+    /// One poll of the watched files: rotates certificates whose files
+    /// changed, and reloads when the files the serving config names
+    /// changed (or a version refused for want of keys is due again).
+    fn poll_files(&self) {
+        self.rotate_certificates();
+        let changed = {
+            let watched = self
+                .reload_state
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            fingerprint(&self.config_path, &watched.config) != watched.fingerprint
+                || watched.retry.is_some_and(|(at, _)| Instant::now() >= at)
+        };
+        if changed {
+            let _ = self.reload();
+        }
+    }
+}
+
+/// The reload and rotation watcher, a pingora background service: it polls
+/// the files every `reload.poll_interval_ms` until the server shuts down.
+pub struct Watcher(pub Arc<App>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Watcher {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let app = &self.0;
+        if !app.config.reload.watch {
             return;
         }
-        let app = Arc::clone(self);
-        let interval = Duration::from_millis(self.config.reload.poll_interval_ms);
-        let spawned = std::thread::Builder::new()
-            .name("tether-reload".into())
-            .spawn(move || loop {
-                std::thread::sleep(interval);
-                app.rotate_certificates();
-                let changed = {
-                    let watched = app
-                        .reload_state
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    // The files the serving config names, as reload()
-                    // fingerprints them; or a version refused for want
-                    // of keys, due to be tried again.
-                    fingerprint(&app.config_path, &watched.config) != watched.fingerprint
-                        || watched.retry.is_some_and(|(at, _)| Instant::now() >= at)
-                };
-                if changed {
-                    let _ = app.reload();
-                }
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start the reload watcher: {e}");
+        let mut every =
+            tokio::time::interval(Duration::from_millis(app.config.reload.poll_interval_ms));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is at once: the files were read at start.
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = every.tick() => {}
+            }
+            // Reading files and parsing policies blocks: not on the
+            // runtime's one thread, where the shutdown signal is heard.
+            let app = app.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || app.poll_files()).await {
+                log::error!("the reload watcher's poll failed: {e}");
+            }
         }
     }
 }

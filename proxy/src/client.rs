@@ -253,6 +253,21 @@ impl Connection {
         Ok(())
     }
 
+    /// Reads until the server closes the connection, and parses what
+    /// came as one response (any framing): for a request sent with
+    /// `connection: close`.
+    pub async fn read_to_close(&mut self) -> anyhow::Result<Response> {
+        let mut raw = std::mem::take(&mut self.buf);
+        // A server that closes without close_notify is fine once a whole
+        // response has arrived.
+        if let Err(e) = self.tls.read_to_end(&mut raw).await {
+            if raw.is_empty() {
+                return Err(e.into());
+            }
+        }
+        parse_response(&raw)
+    }
+
     /// Reads the next response on this connection.
     pub async fn read_response(&mut self) -> anyhow::Result<Response> {
         loop {

@@ -69,7 +69,7 @@ impl Drop for Ctx {
         if let Some(span) = self.span.take() {
             app.telemetry.finish(span, &record);
         }
-        app.in_flight.fetch_sub(1, Ordering::Release);
+        app.request_recorded();
     }
 }
 
@@ -215,7 +215,7 @@ impl ProxyHttp for TetherProxy {
             mcp_call_sent: false,
             method: None,
             unrecorded: {
-                self.app.in_flight.fetch_add(1, Ordering::Relaxed);
+                self.app.request_began();
                 Some(self.app.clone())
             },
         }
@@ -543,7 +543,7 @@ impl ProxyHttp for TetherProxy {
             self.app.telemetry.finish(span, &record);
         }
         if counted {
-            self.app.in_flight.fetch_sub(1, Ordering::Release);
+            self.app.request_recorded();
         }
     }
 }

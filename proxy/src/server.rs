@@ -55,6 +55,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     admin.add_tcp(&config.admin.address);
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(pingora::services::background::background_service(
+        "reload watcher",
+        crate::app::Watcher(app.clone()),
+    ));
     app.start_background()?;
 
     log::info!(
