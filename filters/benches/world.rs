@@ -19,6 +19,7 @@ use tether_filters::mcp::Mcp;
 use tether_filters::record::Metrics;
 use tether_filters::route::Routing;
 use tether_filters::sanitize::Sanitize;
+use tether_filters::upstream::{SelectUpstream, UpstreamTable};
 use tether_filters::{Chain, Filter, RequestCtx, Snapshot};
 
 pub const TRUST_DOMAIN: &str = "example.org";
@@ -154,6 +155,9 @@ impl World {
             cache,
             metrics.shadow_disagreements.clone(),
         )));
+        stages.push(Box::new(SelectUpstream::new(Arc::new(UpstreamTable::new(
+            &self.config,
+        )))));
         stages.push(Box::new(Credentials));
         stages
     }
