@@ -16,8 +16,8 @@ use tether_config::{
     Config, JwksSource, JwtAlgorithm, Mode, OneOrMany, Route, TokenIssuer, TokenKind, Upstream,
     UpstreamTls, Workload,
 };
-use tether_filters::identity::mint::Minter;
 use tether_filters::identity::pki::Pki;
+use tether_testkit::mint::Minter;
 
 const GITHUB: &str = "api.github.test";
 const ISSUER: &str = "https://login.example.org";
