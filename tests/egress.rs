@@ -10,14 +10,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::{World, TRIAGE};
-use tether::client::{send_plain, Response};
+use support::{send_plain, World, TRIAGE};
+use tether::client::Response;
 use tether_config::{
     Config, JwksSource, JwtAlgorithm, Mode, OneOrMany, Route, TokenIssuer, TokenKind, Upstream,
     UpstreamTls, Workload,
 };
-use tether_filters::identity::mint::Minter;
 use tether_filters::identity::pki::Pki;
+use tether_testkit::mint::Minter;
 
 const GITHUB: &str = "api.github.test";
 const ISSUER: &str = "https://login.example.org";

@@ -17,7 +17,7 @@ use tether_config::{
     AgentSpec, AgentState, ClientAuth, Config, Expiry, JwksSource, JwtAlgorithm, TokenIssuer,
     TokenKind,
 };
-use tether_filters::identity::mint::{self, Minter};
+use tether_testkit::mint::{self, Minter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ISSUER: &str = "https://spire.example.org";

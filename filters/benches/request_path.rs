@@ -13,10 +13,10 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use tether_filters::authorize::evaluate;
 use tether_filters::identity::jwks::{KeySet, KeySource};
 use tether_filters::identity::jwt::TokenVerifier;
-use tether_filters::identity::mint::Minter;
 use tether_filters::identity::PeerIdentity;
 use tether_filters::record::{AuditRecord, Metrics};
 use tether_filters::{Progress, Reason};
+use tether_testkit::mint::Minter;
 
 mod world;
 

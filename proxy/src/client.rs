@@ -185,29 +185,6 @@ impl Client {
     }
 }
 
-/// One plain-HTTP request (as an agent speaks to an egress Tether on
-/// loopback), read whole.
-pub async fn send_plain(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> anyhow::Result<Response> {
-    let mut tcp = TcpStream::connect(addr).await?;
-    let mut request = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\n");
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        request.push_str(&format!("host: {addr}\r\n"));
-    }
-    for (n, v) in headers {
-        request.push_str(&format!("{n}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    tcp.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await?;
-    parse_response(&raw)
-}
-
 /// A keep-alive connection: requests one after another, responses framed
 /// by `content-length`.
 pub struct Connection {

@@ -3,11 +3,13 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use tether::client::Response;
 use tether::demo::{admin_get, start_sandbox, Sandbox};
 use tether_config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The binary under test.
 pub const TETHER: &str = env!("CARGO_BIN_EXE_tether");
@@ -78,9 +80,31 @@ impl World {
     }
 }
 
+/// One plain-HTTP request (as an agent speaks to an egress Tether on
+/// loopback), read whole.
+pub async fn send_plain(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Response> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("host: {addr}\r\n"));
+    }
+    for (n, v) in headers {
+        request.push_str(&format!("{n}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).await?;
+    tether::client::parse_response(&raw)
+}
+
 /// `POST /reload` at `admin`: the status and the JSON answer.
-pub async fn post_reload(admin: std::net::SocketAddr) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+pub async fn post_reload(admin: SocketAddr) -> (u16, serde_json::Value) {
     let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
     s.write_all(
         b"POST /reload HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",

@@ -413,7 +413,7 @@ impl KeySource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::mint::Minter;
+    use tether_testkit::mint::Minter;
 
     #[test]
     fn a_set_keeps_signature_keys_and_skips_the_rest() {

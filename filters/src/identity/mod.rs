@@ -11,7 +11,6 @@
 
 pub mod jwks;
 pub mod jwt;
-pub mod mint;
 pub mod pki;
 pub mod svid;
 pub mod tls;

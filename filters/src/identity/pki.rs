@@ -2,6 +2,10 @@
 //! a CA per trust domain that issues X.509-SVIDs and server certificates,
 //! generated in memory. Not for production identities: use SPIRE or
 //! cert-manager for those.
+//!
+//! Not in the testkit, as the demo ships it; and here rather than beside
+//! the demo, as this crate's own TLS tests need a CA. It forges nothing:
+//! what it issues is trusted only where its bundle is installed.
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,

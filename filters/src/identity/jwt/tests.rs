@@ -7,10 +7,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use rsa::pkcs8::EncodePrivateKey;
 use serde_json::{json, Value};
 use tether_config::{JwksSource, TokenIssuer, TokenKind, Tokens};
+use tether_testkit::mint::{self, Minter};
 
 use super::*;
 use crate::identity::jwks::{KeySet, KeySource};
-use crate::identity::mint::{self, Minter};
 
 const ISS: &str = "https://issuer.example.org";
 const AUD: &str = "tether";
