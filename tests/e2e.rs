@@ -552,3 +552,76 @@ fn the_error_log_names_a_failed_request_without_its_query() {
     assert!(log.contains("/v1/repos/tether/issues"), "{log}");
     assert!(!log.contains("s3cret"), "{log}");
 }
+
+#[test]
+fn a_method_override_in_the_query_or_a_form_body_is_refused() {
+    // Laravel and Symfony serve any of these as the DELETE they name,
+    // where Tether would decide the POST (`CreateIssue`) it sees.
+    let w = World::new();
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    let post = |target: &str, content_type: &str, body: &[u8]| {
+        let headers = [("content-type", content_type)];
+        let headers = if content_type.is_empty() {
+            &headers[..0]
+        } else {
+            &headers[..]
+        };
+        w.rt.block_on(client.send_body("POST", target, headers, body))
+            .expect("response")
+    };
+    let form = "application/x-www-form-urlencoded";
+    let multipart = "multipart/form-data; boundary=xyz";
+    let part = |name: &str| {
+        format!(
+            "--xyz\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nhello\r\n\
+             --xyz\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\nDELETE\r\n--xyz--\r\n"
+        )
+    };
+    for target in [
+        "/v1/repos/tether/issues?.method=DELETE",
+        "/v1/repos/tether/issues?%20_method=DELETE",
+    ] {
+        assert_refused(&post(target, "", b""), 400, "bad_request");
+    }
+    let issues = "/v1/repos/tether/issues";
+    assert_refused(
+        &post(issues, form, b"title=x&_method=DELETE"),
+        400,
+        "bad_request",
+    );
+    // Rack reads a POST body without a type as a form.
+    assert_refused(&post(issues, "", b"_method=DELETE"), 400, "bad_request");
+    assert_refused(
+        &post(issues, multipart, part(".method").as_bytes()),
+        400,
+        "bad_request",
+    );
+    // Without one, the same bodies are forwarded whole.
+    let r = post(issues, form, b"title=x&body=y");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json().expect("echo")["headers"]["content-length"], "14");
+    let body = part("description");
+    let r = post(issues, multipart, body.as_bytes());
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json().expect("echo")["headers"]["content-length"],
+        body.len().to_string()
+    );
+    let lines = w.sandbox.audit_lines(7);
+    let refusals: Vec<String> = lines
+        .iter()
+        .take(5)
+        .map(|l| format!("{}/{}/{}", l["decision"], l["stage"], l["reason"]))
+        .collect();
+    assert_eq!(
+        refusals,
+        [
+            r#""deny"/"sanitize"/"bad_request""#,
+            r#""deny"/"sanitize"/"bad_request""#,
+            r#""deny"/"method_override"/"bad_request""#,
+            r#""deny"/"method_override"/"bad_request""#,
+            r#""deny"/"method_override"/"bad_request""#,
+        ],
+        "{lines:?}"
+    );
+}

@@ -16,6 +16,7 @@ use crate::authorize::Decision;
 use crate::identity::PeerIdentity;
 use crate::lifecycle::Agent;
 use crate::mcp::McpCall;
+use crate::method_override::MultipartNames;
 use crate::route::RouteMatch;
 use crate::{Denial, Snapshot};
 
@@ -165,6 +166,9 @@ pub struct RequestCtx {
     pub route: Option<RouteMatch>,
     /// mcp: the JSON-RPC call, on MCP routes.
     pub mcp: Option<McpCall>,
+    /// method_override: on a multipart body, the scan its chunks pass
+    /// through on their way to the upstream.
+    pub multipart: Option<Box<MultipartNames>>,
     /// authorize: Cedar's decision.
     pub decision: Option<Arc<Decision>>,
     /// authorize: whether the decision came from the cache.
@@ -197,6 +201,7 @@ impl RequestCtx {
             agent: None,
             route: None,
             mcp: None,
+            multipart: None,
             decision: None,
             cache_hit: None,
             denial: None,

@@ -88,8 +88,9 @@ impl Filter for Sanitize {
         let path = normalize_path(raw_path)
             .map_err(|e| Denial::new(Reason::BadPath, format!("path `{raw_path}`: {e}")))?;
         let query = req.uri.query();
-        if query.is_some_and(overrides_method) {
-            // Express's method-override and Laravel read it: decided as
+        if query.is_some_and(|q| crate::method_override::form_overrides_method(q.as_bytes())) {
+            // Express's method-override, Laravel and Symfony read it (PHP
+            // reads `.method` and ` _method` as `_method` too): decided as
             // the POST it says it is, it would be served as a DELETE.
             return Err(Denial::new(
                 Reason::BadRequest,
@@ -145,14 +146,6 @@ fn is_target(raw: &[u8], path: &str, query: Option<&str>) -> bool {
 /// Headers Tether sets for the upstream besides its own `x-tether-*`:
 /// the trace context of its span.
 const TRACE_CONTEXT: &[&str] = &["traceparent", "tracestate"];
-
-/// Whether a query names a `_method` parameter, however spelled.
-fn overrides_method(query: &str) -> bool {
-    query.split(['&', ';']).any(|param| {
-        let name = param.split('=').next().unwrap_or_default();
-        segment_value(name).is_some_and(|n| n.eq_ignore_ascii_case("_method"))
-    })
-}
 
 /// Whether `name` (lower case) is [`SPOOFABLE`], or a spelling of one with
 /// `_` for `-` (`x_tether_agent`).
@@ -473,6 +466,12 @@ mod tests {
             ("/v1/x?_method=DELETE", false),
             ("/v1/x?a=1&_METHOD=delete", false),
             ("/v1/x?a=1;%5Fmethod=delete", false),
+            // As PHP mangles names: Laravel and Symfony read these as `_method`.
+            ("/v1/x?.method=DELETE", false),
+            ("/v1/x?%20_method=DELETE", false),
+            ("/v1/x?+_method=DELETE", false),
+            ("/v1/x?_method[]=DELETE", false),
+            ("/v1/x?%2Emethod=DELETE", false),
             ("/v1/x?a=_method&b_method=1", true),
             ("/v1/x?method=GET", true),
         ] {

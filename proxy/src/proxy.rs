@@ -72,7 +72,7 @@ impl Drop for Ctx {
 }
 
 /// The longest a request's body may take to arrive when it must be read
-/// to decide (MCP calls).
+/// to decide (MCP calls, form bodies).
 const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The longest a request waits for an issuer's keys to be refetched.
@@ -306,6 +306,31 @@ impl ProxyHttp for TetherProxy {
         Ok(false)
     }
 
+    /// Scans a multipart body on its way to the upstream (see
+    /// `method_override`); other bodies pass untouched. A refusal stops
+    /// the request before the chunk that completes the offending line is
+    /// sent: the upstream connection, left with a partial request, is
+    /// closed rather than reused.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(scan) = ctx.req.multipart.as_mut() else {
+            return Ok(());
+        };
+        let chunk = body.as_deref().unwrap_or_default();
+        if let Err(denial) = scan.feed(chunk, end_of_stream) {
+            let detail = denial.detail.to_string();
+            ctx.req.denied_by = Some("method_override");
+            ctx.req.denial = Some(denial);
+            return Err(Error::explain(pingora::ErrorType::InvalidHTTPHeader, detail).into_down());
+        }
+        Ok(())
+    }
+
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.upstream
             .and_then(|i| self.upstreams.peer(i, self.app.workload.as_deref()))
@@ -444,10 +469,18 @@ impl ProxyHttp for TetherProxy {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let reason = failure_reason(e);
-        let denial = Denial::new(reason, e.to_string());
-        ctx.req.denial = Some(denial.clone());
-        ctx.req.denied_by = Some("upstream");
+        // A stage that refused while the body streamed (`request_body_filter`)
+        // said why; the error only carries it here.
+        let denial = match &ctx.req.denial {
+            Some(denial) => denial.clone(),
+            None => {
+                let denial = Denial::new(failure_reason(e), e.to_string());
+                ctx.req.denial = Some(denial.clone());
+                ctx.req.denied_by = Some("upstream");
+                denial
+            }
+        };
+        let reason = denial.reason;
         // A dead client connection cannot be answered.
         if reason != Reason::ClientClosed && session.response_written().is_none() {
             self.refuse(session, ctx, &denial).await;
