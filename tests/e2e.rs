@@ -625,3 +625,123 @@ fn a_method_override_in_the_query_or_a_form_body_is_refused() {
         "{lines:?}"
     );
 }
+
+/// Accepts the proxy's connection on `upstream` and reads what arrives on
+/// it until `whole` says the request is complete (then answers `200` and
+/// closes, so the next request takes a new connection) or the proxy
+/// closes it; returns the bytes and whether the proxy closed it.
+fn upstream_receives(
+    upstream: std::net::TcpListener,
+    whole: impl Fn(&[u8]) -> bool + Send + 'static,
+) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        upstream.set_nonblocking(true).expect("nonblocking");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut conn = loop {
+            match upstream.accept() {
+                Ok((conn, _)) => break conn,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("the proxy never connected upstream: {e}"),
+            }
+        };
+        conn.set_nonblocking(false).expect("blocking");
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return (received, true),
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(_) => return (received, false),
+            }
+            if whole(&received) {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+                return (received, false);
+            }
+        }
+    })
+}
+
+#[test]
+fn requests_whose_host_or_framing_the_rfc_refuses_are_refused() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let w = world_with_upstream(&upstream);
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    let raw = |request: &[u8]| {
+        w.rt.block_on(async {
+            let mut conn = client.connect().await.expect("connect");
+            conn.write(request).await.expect("write");
+            conn.read_response().await.expect("response")
+        })
+    };
+    // A list in `Host`: Tether would route on the whole string, the
+    // upstream on either name. No `Host` at all in HTTP/1.1.
+    let r = raw(b"GET /v1/repos/tether/issues HTTP/1.1\r\nhost: localhost, evil.example\r\n\r\n");
+    assert_refused(&r, 400, "bad_request");
+    let r = raw(b"GET /v1/repos/tether/issues HTTP/1.1\r\n\r\n");
+    assert_refused(&r, 400, "bad_request");
+    // Two `Host` lines are refused by pingora before the chain.
+    let r = w
+        .send(
+            Some(TRIAGE),
+            "GET",
+            "/v1/repos/tether/issues",
+            &[("host", "b")],
+        )
+        .expect("response");
+    assert_eq!(r.status, 400, "{r:?}");
+    let lines = w.sandbox.audit_lines(2);
+    for line in &lines {
+        assert_eq!(line["stage"], "sanitize", "{line}");
+        assert_eq!(line["reason"], "bad_request", "{line}");
+    }
+
+    // Two `Content-Length` lines of one value reach the upstream as one.
+    let receives = upstream_receives(upstream.try_clone().expect("listener"), |r| {
+        r.ends_with(b"\r\n\r\n{}")
+    });
+    let r = raw(b"POST /v1/repos/tether/issues HTTP/1.1\r\nhost: api\r\n\
+          content-type: application/json\r\n\
+          content-length: 2\r\ncontent-length: 2\r\n\r\n{}");
+    assert_eq!(r.status, 200, "{r:?}");
+    let (received, _) = receives.join().expect("upstream");
+    let head = String::from_utf8_lossy(&received).to_ascii_lowercase();
+    assert_eq!(head.matches("content-length:").count(), 1, "{head}");
+
+    // A chunk size that is not hex: the request is malformed, refused, and
+    // the upstream, which had its head and first chunk, never gets the
+    // rest: its connection is closed, not reused.
+    let receives = upstream_receives(upstream, |_| false);
+    let r = w.rt.block_on(async {
+        let mut conn = client.connect().await.expect("connect");
+        conn.write(
+            b"POST /v1/repos/tether/issues HTTP/1.1\r\nhost: api\r\n\
+              content-type: application/json\r\n\
+              transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n",
+        )
+        .await
+        .expect("write");
+        // The upstream has the head and the first chunk by now.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        conn.write(b"zz\r\nmore\r\n0\r\n\r\n").await.expect("write");
+        conn.read_response().await.expect("response")
+    });
+    assert_refused(&r, 400, "bad_request");
+    let (received, closed) = receives.join().expect("upstream");
+    assert!(closed, "the upstream connection is closed");
+    let received = String::from_utf8_lossy(&received);
+    assert!(received.contains("{}"), "{received}");
+    assert!(!received.contains("more"), "{received}");
+    assert!(!received.ends_with("0\r\n\r\n"), "{received}");
+    let lines = w.sandbox.audit_lines(4);
+    let last = lines.last().expect("a line");
+    assert_eq!(last["decision"], "deny", "{last}");
+    assert_eq!(last["reason"], "bad_request", "{last}");
+    assert_eq!(last["status"], 400, "{last}");
+}

@@ -84,6 +84,8 @@ impl Filter for Sanitize {
             req.insert_header(http::header::HOST, authority)
                 .map_err(|_| Denial::new(Reason::BadPath, "bad authority in the request target"))?;
         }
+        check_host(req)?;
+        single_content_length(req)?;
         let raw_path = req.uri.path();
         let path = normalize_path(raw_path)
             .map_err(|e| Denial::new(Reason::BadPath, format!("path `{raw_path}`: {e}")))?;
@@ -112,6 +114,103 @@ impl Filter for Sanitize {
         ctx.host = crate::route::request_host(req);
         Ok(())
     }
+}
+
+/// Refuses a request whose host is missing or not one name (RFC 9112,
+/// section 3.2): routing and upstream choice read it, and a `Host` of
+/// `a, b` would be matched whole by Tether while the upstream picks
+/// either. HTTP/1.1 requires a `Host`; HTTP/2 names the host in its
+/// `:authority`, which the URI holds; HTTP/1.0 may omit it.
+fn check_host(req: &RequestHeader) -> Result<(), Denial> {
+    let bad = |what: String| Err(Denial::new(Reason::BadRequest, what));
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => bad("two `Host` headers".into()),
+        (Some(host), None) if !is_host(host.as_bytes()) => bad(format!(
+            "`Host` is not one host name: `{}`",
+            host.as_bytes().escape_ascii()
+        )),
+        (Some(_), None) => Ok(()),
+        (None, _) => match req.uri.authority() {
+            Some(authority) if !is_host(authority.as_str().as_bytes()) => bad(format!(
+                "the authority is not one host name: `{}`",
+                authority.as_str().as_bytes().escape_ascii()
+            )),
+            Some(_) => Ok(()),
+            None if req.version >= http::Version::HTTP_11 => {
+                bad("an HTTP/1.1 request without `Host`".into())
+            }
+            None => Ok(()),
+        },
+    }
+}
+
+/// Whether `value` is one host, as `Host` carries it: a DNS name or IPv4
+/// address (letters, digits, `-`, `.`, `_`) or an IPv6 literal in `[]`,
+/// then an optional `:port`. Stricter than RFC 3986's `reg-name`, which
+/// allows `,`, `;`, `%` and more that no DNS name holds and that servers
+/// split on.
+fn is_host(value: &[u8]) -> bool {
+    let port_ok = |port: &[u8]| port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+    if let Some(v6) = value.strip_prefix(b"[") {
+        let Some(end) = v6.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let (literal, rest) = v6.split_at(end);
+        let after = rest.get(1..).unwrap_or_default();
+        return !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            && (after.is_empty() || after.strip_prefix(b":").is_some_and(port_ok));
+    }
+    let (name, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(colon) => (
+            value.get(..colon).unwrap_or_default(),
+            value.get(colon + 1..).unwrap_or_default(),
+        ),
+        None => (value, &b""[..]),
+    };
+    !name.is_empty()
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        && port_ok(port)
+}
+
+/// Two `Content-Length` lines of one value, or one line `5, 5`, which
+/// pingora accepts as one length (RFC 9110, section 8.6), are forwarded as
+/// one line: an upstream that refuses the list, or reads it otherwise,
+/// must not frame the body differently from Tether. Differing values are
+/// refused (pingora refuses them before this stage; here too, so no path
+/// forwards them).
+fn single_content_length(req: &mut RequestHeader) -> Result<(), Denial> {
+    let mut values = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let (Some(first), second) = (values.next(), values.next()) else {
+        return Ok(());
+    };
+    if second.is_none() && !first.as_bytes().contains(&b',') {
+        return Ok(()); // nearly every request with a body
+    }
+    let tokens = || {
+        req.headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+    };
+    let length = tokens().next().unwrap_or_default();
+    if length.is_empty() || !length.iter().all(u8::is_ascii_digit) || tokens().any(|t| t != length)
+    {
+        return Err(Denial::new(
+            Reason::BadRequest,
+            "`Content-Length` values differ or are not numbers",
+        ));
+    }
+    let length = http::HeaderValue::from_bytes(length)
+        .map_err(|_| Denial::new(Reason::BadRequest, "`Content-Length` is not a number"))?;
+    req.insert_header(http::header::CONTENT_LENGTH, length)
+        .map_err(|_| Denial::new(Reason::Internal, "cannot set `Content-Length`"))
 }
 
 /// The authority of an absolute-form request target (`http://b/x`).
@@ -379,6 +478,14 @@ mod tests {
     use super::*;
     use crate::testing;
 
+    /// A request as a client sends it: with a `Host`.
+    fn request(method: &str, target: &[u8]) -> RequestHeader {
+        let mut req = RequestHeader::build(method, target, None).expect("request");
+        req.insert_header("host", "api.example.org")
+            .expect("header");
+        req
+    }
+
     #[test]
     fn raw_utf8_is_written_as_its_escapes_and_segments_decode_to_text() {
         assert_eq!(
@@ -475,7 +582,7 @@ mod tests {
             ("/v1/x?a=_method&b_method=1", true),
             ("/v1/x?method=GET", true),
         ] {
-            let mut req = RequestHeader::build("POST", target.as_bytes(), None).expect("request");
+            let mut req = request("POST", target.as_bytes());
             let result = Sanitize.apply(&mut req, &mut testing::ctx());
             assert_eq!(result.is_ok(), passes, "{target}");
         }
@@ -486,7 +593,7 @@ mod tests {
         let fits = format!("/v1/{}", "a".repeat(MAX_TARGET - 4));
         let over = format!("{fits}b");
         for (target, passes) in [(fits, true), (over, false)] {
-            let mut req = RequestHeader::build("GET", target.as_bytes(), None).expect("request");
+            let mut req = request("GET", target.as_bytes());
             let result = Sanitize.apply(&mut req, &mut testing::ctx());
             assert_eq!(result.is_ok(), passes, "{} bytes", target.len());
         }
@@ -494,8 +601,7 @@ mod tests {
 
     #[test]
     fn spoofable_headers_are_stripped_and_the_path_rewritten() {
-        let mut req =
-            RequestHeader::build("GET", b"/v1/public/%2e%2e/admin?x=1", None).expect("request");
+        let mut req = request("GET", b"/v1/public/%2e%2e/admin?x=1");
         for name in [
             "X-Tether-Owner",
             "x-tether-agent",
@@ -565,7 +671,7 @@ mod tests {
     #[test]
     fn connection_cannot_name_the_headers_tether_sets() {
         let connection = |values: &[&str]| {
-            let mut req = RequestHeader::build("GET", b"/v1/x", None).expect("request");
+            let mut req = request("GET", b"/v1/x");
             for v in values {
                 req.append_header("connection", *v).expect("header");
             }
@@ -621,10 +727,98 @@ mod tests {
 
     #[test]
     fn a_bad_path_is_denied_as_bad_path() {
-        let mut req = RequestHeader::build("GET", b"/a%zz", None).expect("request");
+        let mut req = request("GET", b"/a%zz");
         let denial = Sanitize
             .apply(&mut req, &mut testing::ctx())
             .expect_err("denied");
         assert_eq!(denial.reason, Reason::BadPath);
+    }
+
+    #[test]
+    fn a_host_that_is_missing_or_not_one_name_is_refused() {
+        for (host, passes) in [
+            (Some("api.example.org"), true),
+            (Some("API.example.org.:8443"), true),
+            (Some("127.0.0.1:8443"), true),
+            (Some("[::1]:8443"), true),
+            (Some("[::1]"), true),
+            (Some("svc_name.ns"), true),
+            (Some("localhost, evil.example"), false),
+            (Some("localhost,evil.example"), false),
+            (Some("a b"), false),
+            (Some(""), false),
+            (Some(":8443"), false),
+            (Some("a:port"), false),
+            (Some("a:123456"), false),
+            (Some("[::1"), false),
+            (Some("[::1]x"), false),
+            (Some("[]"), false),
+            (Some("a%2eb"), false),
+            (None, false),
+        ] {
+            let mut req = RequestHeader::build("GET", b"/v1/x", None).expect("request");
+            if let Some(host) = host {
+                req.insert_header("host", host).expect("header");
+            }
+            let result = Sanitize.apply(&mut req, &mut testing::ctx());
+            assert_eq!(result.is_ok(), passes, "{host:?}: {result:?}");
+            if let Err(denial) = result {
+                assert_eq!(denial.reason, Reason::BadRequest, "{host:?}");
+            }
+        }
+        let mut two = request("GET", b"/v1/x");
+        two.append_header("host", "evil.example").expect("header");
+        assert!(Sanitize.apply(&mut two, &mut testing::ctx()).is_err());
+        // HTTP/1.0 may omit it.
+        let mut old = RequestHeader::build("GET", b"/v1/x", None).expect("request");
+        old.set_version(http::Version::HTTP_10);
+        assert!(Sanitize.apply(&mut old, &mut testing::ctx()).is_ok());
+    }
+
+    #[test]
+    fn an_http2_request_names_its_host_in_its_authority() {
+        let h2 = |uri: &str| {
+            let (parts, ()) = http::Request::builder()
+                .version(http::Version::HTTP_2)
+                .uri(uri)
+                .body(())
+                .expect("request")
+                .into_parts();
+            RequestHeader::from(parts)
+        };
+        let mut req = h2("https://API.example.org/v1/x");
+        let mut ctx = testing::ctx();
+        Sanitize.apply(&mut req, &mut ctx).expect("passes");
+        assert_eq!(ctx.host.as_deref(), Some("api.example.org"));
+        assert_eq!(ctx.path, "/v1/x");
+        assert!(Sanitize
+            .apply(&mut h2("/v1/x"), &mut testing::ctx())
+            .is_err());
+    }
+
+    #[test]
+    fn content_length_lines_of_one_value_become_one() {
+        let lengths = |values: &[&str]| {
+            let mut req = request("POST", b"/v1/x");
+            for v in values {
+                req.append_header("content-length", *v).expect("header");
+            }
+            let result = Sanitize.apply(&mut req, &mut testing::ctx());
+            result.map(|()| {
+                req.headers
+                    .get_all("content-length")
+                    .iter()
+                    .map(|v| v.to_str().expect("text").to_string())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(lengths(&["5"]), Ok(vec!["5".to_string()]));
+        assert_eq!(lengths(&["5", "5"]), Ok(vec!["5".to_string()]));
+        assert_eq!(lengths(&["5, 5"]), Ok(vec!["5".to_string()]));
+        assert_eq!(lengths(&[]), Ok(vec![]));
+        for differing in [&["5", "6"][..], &["5, 6"], &["5", ""], &["x", "x"]] {
+            let denial = lengths(differing).expect_err("refused");
+            assert_eq!(denial.reason, Reason::BadRequest, "{differing:?}");
+        }
     }
 }

@@ -560,6 +560,12 @@ fn failure_reason(e: &Error) -> Reason {
         (ErrorSource::Downstream, InvalidHTTPHeader | H1Error | H2Error | InvalidH2) => {
             Reason::BadRequest
         }
+        // A chunked body that breaks its framing (a chunk size of `zz`, or
+        // one that overflows): malformed, not a client that went away.
+        // pingora names these errors but does not export their types.
+        (ErrorSource::Downstream, Custom("InvalidChunk" | "InvalidTrailerEnd")) => {
+            Reason::BadRequest
+        }
         (ErrorSource::Downstream, _) => Reason::ClientClosed,
         _ => Reason::Internal,
     }
@@ -568,6 +574,26 @@ fn failure_reason(e: &Error) -> Reason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_chunked_body_is_a_bad_request() {
+        let down = |etype| Error::explain(etype, "reading the body").into_down();
+        for (etype, reason) in [
+            (
+                pingora::ErrorType::Custom("InvalidChunk"),
+                Reason::BadRequest,
+            ),
+            (
+                pingora::ErrorType::Custom("InvalidTrailerEnd"),
+                Reason::BadRequest,
+            ),
+            (pingora::ErrorType::InvalidHTTPHeader, Reason::BadRequest),
+            (pingora::ErrorType::ConnectionClosed, Reason::ClientClosed),
+            (pingora::ErrorType::ReadError, Reason::ClientClosed),
+        ] {
+            assert_eq!(failure_reason(&down(etype.clone())), reason, "{etype:?}");
+        }
+    }
 
     #[test]
     fn held_tools_list_answers_are_bounded_each_and_together() {
