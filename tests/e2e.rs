@@ -745,3 +745,18 @@ fn requests_whose_host_or_framing_the_rfc_refuses_are_refused() {
     assert_eq!(last["reason"], "bad_request", "{last}");
     assert_eq!(last["status"], 400, "{last}");
 }
+
+#[test]
+fn a_backslash_in_the_path_is_refused() {
+    // IIS, ASP.NET and several Node and Python servers read `\` as `/`:
+    // decided as issues of a repository `x\..\..\admin` (which policy
+    // allows), these would be served as `/v1/admin/issues`.
+    let w = World::new();
+    for path in [
+        "/v1/repos/x\\..\\..\\admin/issues",
+        "/v1/repos/x%5C..%5C..%5Cadmin/issues",
+        "/v1/repos/x%5c..%5c..%5cadmin/issues",
+    ] {
+        assert_refused(&w.get(TRIAGE, path), 400, "bad_path");
+    }
+}

@@ -332,8 +332,11 @@ fn drop_tethers_from_connection(req: &mut RequestHeader) {
 /// - `.` and `..` segments are removed (`..` never climbs above `/`);
 /// - runs of `/` collapse into one.
 ///
-/// Refused: a path not starting with `/`, malformed escapes, and encoded
-/// NUL or control characters.
+/// Refused: a path not starting with `/`, malformed escapes, encoded
+/// NUL or control characters, and a backslash, raw or encoded (`%5C`):
+/// IIS, ASP.NET and several Node and Python servers read it as `/`, so
+/// `/v1/public/..\admin` would be decided as a segment under
+/// `/v1/public` and served as `/v1/admin`.
 pub fn normalize_path(path: &str) -> Result<SmolStr, &'static str> {
     if is_normal(path) {
         return Ok(SmolStr::new(path));
@@ -355,7 +358,8 @@ fn is_normal(path: &str) -> bool {
         return true;
     }
     let segments = rest.strip_suffix(b"/").unwrap_or(rest);
-    path.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%')
+    path.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'%' && b != b'\\')
         && !segments.is_empty()
         && segments
             .split(|&b| b == b'/')
@@ -410,6 +414,9 @@ fn decode_unreserved(path: &str) -> Result<String, &'static str> {
             if c < 0x20 || c == 0x7f {
                 return Err("encoded control character");
             }
+            if c == b'\\' {
+                return Err(BACKSLASH);
+            }
             if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
                 out.push(c as char);
             } else {
@@ -420,6 +427,8 @@ fn decode_unreserved(path: &str) -> Result<String, &'static str> {
             i += 3;
         } else if b < 0x20 || b == 0x7f {
             return Err("control character");
+        } else if b == b'\\' {
+            return Err(BACKSLASH);
         } else if b >= 0x80 {
             // Raw UTF-8, which the HTTP layer lets through: written as the
             // escapes it stands for, one form for both spellings.
@@ -436,6 +445,8 @@ fn decode_unreserved(path: &str) -> Result<String, &'static str> {
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+const BACKSLASH: &str = "a backslash, which some servers read as `/`";
 
 /// A normalized path segment's value: its escapes decoded, as the
 /// upstream's framework decodes a path parameter, so that `ceo%40x.org`
@@ -536,7 +547,21 @@ mod tests {
 
     #[test]
     fn malformed_paths_are_refused() {
-        for input in ["", "v1", "*", "/a%2", "/a%zz", "/a%00b", "/a%0a", "/a%7f"] {
+        for input in [
+            "",
+            "v1",
+            "*",
+            "/a%2",
+            "/a%zz",
+            "/a%00b",
+            "/a%0a",
+            "/a%7f",
+            "/v1/public/..\\admin",
+            "/a\\b",
+            "/a%5Cb",
+            "/a%5cb",
+            "/v1/public/%2e%2e%5cadmin",
+        ] {
             assert!(normalize_path(input).is_err(), "accepted {input:?}");
         }
     }
