@@ -760,3 +760,60 @@ fn a_backslash_in_the_path_is_refused() {
         assert_refused(&w.get(TRIAGE, path), 400, "bad_path");
     }
 }
+
+#[test]
+fn an_encoded_slash_is_refused_kept_or_decoded_as_configured() {
+    use tether_config::EncodedSlash;
+    // By default: refused, since back ends differ on what it means.
+    let w = World::new();
+    assert_refused(
+        &w.get(TRIAGE, "/v1/repos/te%2Fther/issues"),
+        400,
+        "bad_path",
+    );
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["stage"], "sanitize", "{line}");
+    drop(w);
+
+    // `keep`: one segment, the repository `te/ther`, forwarded as sent.
+    let w = World::with(|c| c.paths.encoded_slash = EncodedSlash::Keep);
+    let r = w.get(TRIAGE, "/v1/repos/te%2Fther/issues");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json().expect("echo")["target"],
+        "/v1/repos/te%2Fther/issues"
+    );
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["resource"], "Repo::\"te/ther\"", "{line}");
+    drop(w);
+
+    // `decode`: separators before dot segments and routing, and the
+    // decoded path is what the upstream gets.
+    let w = World::with(|c| c.paths.encoded_slash = EncodedSlash::Decode);
+    let r = w.get(TRIAGE, "/v1/repos/x%2F..%2Ftether/issues");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json().expect("echo")["target"], "/v1/repos/tether/issues");
+    assert_refused(
+        &w.get(TRIAGE, "/v1/public%2F..%2Fadmin"),
+        403,
+        "policy_denied",
+    );
+    drop(w);
+
+    // An upstream may refuse what the global setting keeps.
+    let w = World::with(|c| {
+        c.paths.encoded_slash = EncodedSlash::Keep;
+        if let Some(u) = c.upstream.as_mut() {
+            u.encoded_slash = Some(EncodedSlash::Reject);
+        }
+    });
+    assert_refused(
+        &w.get(TRIAGE, "/v1/repos/te%2Fther/issues"),
+        400,
+        "bad_path",
+    );
+    assert_eq!(w.get(TRIAGE, "/v1/repos/tether/issues").status, 200);
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["stage"], "upstream", "{line}");
+    assert_eq!(line["reason"], "bad_path", "{line}");
+}

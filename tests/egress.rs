@@ -133,6 +133,7 @@ fn egress() -> (World, Pod, String) {
                     ca: Some(ca),
                     client_certificate: true,
                 }),
+                encoded_slash: None,
             },
             Upstream {
                 name: Some("local".into()),

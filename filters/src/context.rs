@@ -153,6 +153,9 @@ pub struct RequestCtx {
     /// The normalized path (no query), as routed, decided and forwarded.
     /// (A `SmolStr`: most paths fit inline, so no allocation.)
     pub path: SmolStr,
+    /// sanitize: the path as sent held an encoded slash (`%2F`), which
+    /// `paths.encoded_slash` let through; an upstream may still refuse it.
+    pub encoded_slash: bool,
     /// The host, lower case and without port, as routed and as the
     /// upstream is chosen by.
     pub host: Option<SmolStr>,
@@ -195,6 +198,7 @@ impl RequestCtx {
             peer: None,
             keys_refetched: false,
             path: SmolStr::default(),
+            encoded_slash: false,
             host: None,
             body: None,
             principal: None,

@@ -8,6 +8,7 @@
 
 use pingora_http::RequestHeader;
 use smol_str::SmolStr;
+use tether_config::EncodedSlash;
 
 use crate::{Denial, Filter, Reason, RequestCtx};
 
@@ -87,8 +88,12 @@ impl Filter for Sanitize {
         check_host(req)?;
         single_content_length(req)?;
         let raw_path = req.uri.path();
-        let path = normalize_path(raw_path)
+        let slash = ctx.snapshot.encoded_slash;
+        let path = normalize_path_as(raw_path, slash)
             .map_err(|e| Denial::new(Reason::BadPath, format!("path `{raw_path}`: {e}")))?;
+        // Rejected already when the setting says so; otherwise kept for an
+        // upstream that refuses it.
+        ctx.encoded_slash = slash != EncodedSlash::Reject && has_encoded_slash(raw_path);
         let query = req.uri.query();
         if query.is_some_and(|q| crate::method_override::form_overrides_method(q.as_bytes())) {
             // Express's method-override, Laravel and Symfony read it (PHP
@@ -325,10 +330,28 @@ fn drop_tethers_from_connection(req: &mut RequestHeader) {
     }
 }
 
+/// Whether a path holds an encoded slash (`%2F`, `%2f`).
+pub fn has_encoded_slash(path: &str) -> bool {
+    path.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'2' && (w[2] | 0x20) == b'f')
+}
+
+/// [`normalize_path`], with `%2F` read as `slash` says: refused, kept
+/// inside its segment, or decoded to a `/` before dot segments are
+/// removed (so `/a%2F..%2Fb` is `/b`).
+pub fn normalize_path_as(path: &str, slash: EncodedSlash) -> Result<SmolStr, &'static str> {
+    if is_normal(path) {
+        return Ok(SmolStr::new(path));
+    }
+    rewrite_path(path, slash).map(SmolStr::from)
+}
+
 /// Normalizes a request path (RFC 3986 section 6.2.2):
 /// - percent-encoded unreserved characters are decoded (`%2e` is `.`,
 ///   `%7E` is `~`), other escapes are kept with upper-case hex, so `%2F`
-///   stays a character inside a segment and never becomes a separator;
+///   stays a character inside a segment and never becomes a separator
+///   (`paths.encoded_slash: keep`; see [`normalize_path_as`]);
 /// - `.` and `..` segments are removed (`..` never climbs above `/`);
 /// - runs of `/` collapse into one.
 ///
@@ -338,10 +361,7 @@ fn drop_tethers_from_connection(req: &mut RequestHeader) {
 /// `/v1/public/..\admin` would be decided as a segment under
 /// `/v1/public` and served as `/v1/admin`.
 pub fn normalize_path(path: &str) -> Result<SmolStr, &'static str> {
-    if is_normal(path) {
-        return Ok(SmolStr::new(path));
-    }
-    rewrite_path(path).map(SmolStr::from)
+    normalize_path_as(path, EncodedSlash::Keep)
 }
 
 /// Whether `path` is already what [`normalize_path`] makes of it, as
@@ -367,11 +387,11 @@ fn is_normal(path: &str) -> bool {
 }
 
 /// [`normalize_path`] for a path that is not already normal.
-fn rewrite_path(path: &str) -> Result<String, &'static str> {
+fn rewrite_path(path: &str, slash: EncodedSlash) -> Result<String, &'static str> {
     if !path.starts_with('/') {
         return Err("must start with `/`");
     }
-    let decoded = decode_unreserved(path)?;
+    let decoded = decode_unreserved(path, slash)?;
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
         match segment {
@@ -397,7 +417,7 @@ fn rewrite_path(path: &str) -> Result<String, &'static str> {
     Ok(out)
 }
 
-fn decode_unreserved(path: &str) -> Result<String, &'static str> {
+fn decode_unreserved(path: &str, slash: EncodedSlash) -> Result<String, &'static str> {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
@@ -416,6 +436,19 @@ fn decode_unreserved(path: &str) -> Result<String, &'static str> {
             }
             if c == b'\\' {
                 return Err(BACKSLASH);
+            }
+            if c == b'/' {
+                match slash {
+                    EncodedSlash::Reject => {
+                        return Err("an encoded slash (`%2F`), which servers read differently")
+                    }
+                    EncodedSlash::Decode => {
+                        out.push('/');
+                        i += 3;
+                        continue;
+                    }
+                    EncodedSlash::Keep => {}
+                }
             }
             if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
                 out.push(c as char);
@@ -583,7 +616,7 @@ mod tests {
         fn a_path_kept_as_it_is_is_what_the_rewrite_makes(
             path in "/?(([a.~%]|%2[eEfF]|\\.\\.|/| |\\x7f|\\x01|é){0,6})"
         ) {
-            let rewritten = rewrite_path(&path);
+            let rewritten = rewrite_path(&path, EncodedSlash::Keep);
             if is_normal(&path) {
                 proptest::prop_assert_eq!(rewritten.as_deref(), Ok(path.as_str()));
             }
@@ -845,5 +878,59 @@ mod tests {
             let denial = lengths(differing).expect_err("refused");
             assert_eq!(denial.reason, Reason::BadRequest, "{differing:?}");
         }
+    }
+
+    #[test]
+    fn an_encoded_slash_is_refused_kept_or_decoded_as_configured() {
+        use EncodedSlash::*;
+        for (input, reject, keep, decode) in [
+            (
+                "/v1/repos/a%2Fb/issues",
+                None,
+                Some("/v1/repos/a%2Fb/issues"),
+                Some("/v1/repos/a/b/issues"),
+            ),
+            (
+                "/v1/repos/a%2fb",
+                None,
+                Some("/v1/repos/a%2Fb"),
+                Some("/v1/repos/a/b"),
+            ),
+            (
+                "/v1/public%2F..%2Fadmin",
+                None,
+                Some("/v1/public%2F..%2Fadmin"),
+                Some("/v1/admin"),
+            ),
+            (
+                "/v1/a%252Fb",
+                Some("/v1/a%252Fb"),
+                Some("/v1/a%252Fb"),
+                Some("/v1/a%252Fb"),
+            ),
+            (
+                "/v1/plain",
+                Some("/v1/plain"),
+                Some("/v1/plain"),
+                Some("/v1/plain"),
+            ),
+        ] {
+            for (slash, expected) in [(Reject, reject), (Keep, keep), (Decode, decode)] {
+                let got = normalize_path_as(input, slash);
+                assert_eq!(got.as_deref().ok(), expected, "{input} with {slash:?}");
+            }
+        }
+        assert!(has_encoded_slash("/a%2fb") && has_encoded_slash("/a%2F"));
+        assert!(!has_encoded_slash("/a%252Fb") && !has_encoded_slash("/a/b%2"));
+    }
+
+    #[test]
+    fn the_stage_refuses_an_encoded_slash_by_default() {
+        let mut ctx = testing::ctx();
+        assert_eq!(ctx.snapshot.encoded_slash, EncodedSlash::Reject);
+        let denial = Sanitize
+            .apply(&mut request("GET", b"/v1/repos/a%2Fb/issues"), &mut ctx)
+            .expect_err("refused");
+        assert_eq!(denial.reason, Reason::BadPath);
     }
 }

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use cedar_policy::EntityTypeName;
-use tether_config::{Config, ConfigError, ConfigErrors};
+use tether_config::{Config, ConfigError, ConfigErrors, EncodedSlash};
 
 use crate::authorize::{PolicyEngine, PolicySource};
 use crate::lifecycle::Registry;
@@ -22,6 +22,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// The Cedar schema, policies and principal entities.
     pub policy: PolicyEngine,
+    /// What `%2F` in a request path means (`paths.encoded_slash`).
+    pub encoded_slash: EncodedSlash,
 }
 
 impl Snapshot {
@@ -104,6 +106,7 @@ impl Snapshot {
             registry,
             routes,
             policy,
+            encoded_slash: config.paths.encoded_slash,
         })
     }
 }

@@ -291,6 +291,23 @@ impl ProxyHttp for TetherProxy {
             );
             return self.refuse_at(session, ctx, "upstream", denial).await;
         }
+        if ctx.req.encoded_slash
+            && ctx
+                .upstream
+                .is_some_and(|i| self.upstreams.rejects_encoded_slash(i))
+        {
+            // `paths.encoded_slash` let it through; this upstream's back
+            // end would read it otherwise than the route did.
+            let denial = Denial::new(
+                Reason::BadPath,
+                format!(
+                    "path `{}`: an encoded slash (`%2F`), which upstream `{}` refuses",
+                    session.req_header().uri.path(),
+                    ctx.upstream.map_or("", |i| self.upstreams.name(i)),
+                ),
+            );
+            return self.refuse_at(session, ctx, "upstream", denial).await;
+        }
         if ctx
             .req
             .mcp

@@ -6,7 +6,7 @@
 use anyhow::Context as _;
 use pingora::prelude::HttpPeer;
 use pingora::utils::tls::{parse_x509, WrappedX509};
-use tether_config::{Config, Upstream};
+use tether_config::{Config, EncodedSlash, Upstream};
 use tether_filters::route::HostPattern;
 
 use crate::certs::WorkloadSvid;
@@ -26,6 +26,9 @@ struct Entry {
     /// and boxing it copied it twice more, every request.
     peer: Box<HttpPeer>,
     client_certificate: bool,
+    /// `encoded_slash: reject`: a back end that decodes `%2F` before
+    /// routing, which a path holding one must not reach.
+    rejects_encoded_slash: bool,
 }
 
 impl Upstreams {
@@ -46,6 +49,7 @@ impl Upstreams {
                         .map(Box::new)
                         .with_context(|| format!("upstream `{name}` ({i})"))?,
                     client_certificate: u.tls.as_ref().is_some_and(|t| t.client_certificate),
+                    rejects_encoded_slash: u.encoded_slash == Some(EncodedSlash::Reject),
                     name,
                 })
             })
@@ -65,6 +69,13 @@ impl Upstreams {
                     .as_deref()
                     .is_none_or(|p| under_prefix(path, p))
         })
+    }
+
+    /// Whether upstream `index` refuses a path that held `%2F`.
+    pub fn rejects_encoded_slash(&self, index: usize) -> bool {
+        self.entries
+            .get(index)
+            .is_some_and(|e| e.rejects_encoded_slash)
     }
 
     /// The name of upstream `index`, for records.
