@@ -300,9 +300,10 @@ impl ProxyHttp for TetherProxy {
             // end would read it otherwise than the route did.
             let denial = Denial::new(
                 Reason::BadPath,
+                // No path here: with `decode` the request's path holds no
+                // `%2F` any more, and the record has the normalized one.
                 format!(
-                    "path `{}`: an encoded slash (`%2F`), which upstream `{}` refuses",
-                    session.req_header().uri.path(),
+                    "the path held an encoded slash (`%2F`), which upstream `{}` refuses",
                     ctx.upstream.map_or("", |i| self.upstreams.name(i)),
                 ),
             );
