@@ -569,3 +569,268 @@ fn the_error_log_names_a_failed_request_without_its_query() {
     assert!(log.contains("/v1/repos/tether/issues"), "{log}");
     assert!(!log.contains("s3cret"), "{log}");
 }
+
+#[test]
+fn a_method_override_in_the_query_or_a_form_body_is_refused() {
+    // Laravel and Symfony serve any of these as the DELETE they name,
+    // where Tether would decide the POST (`CreateIssue`) it sees.
+    let w = World::new();
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    let post = |target: &str, content_type: &str, body: &[u8]| {
+        let headers = [("content-type", content_type)];
+        let headers = if content_type.is_empty() {
+            &headers[..0]
+        } else {
+            &headers[..]
+        };
+        w.rt.block_on(client.send_body("POST", target, headers, body))
+            .expect("response")
+    };
+    let form = "application/x-www-form-urlencoded";
+    let multipart = "multipart/form-data; boundary=xyz";
+    let part = |name: &str| {
+        format!(
+            "--xyz\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nhello\r\n\
+             --xyz\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\nDELETE\r\n--xyz--\r\n"
+        )
+    };
+    for target in [
+        "/v1/repos/tether/issues?.method=DELETE",
+        "/v1/repos/tether/issues?%20_method=DELETE",
+    ] {
+        assert_refused(&post(target, "", b""), 400, "bad_request");
+    }
+    let issues = "/v1/repos/tether/issues";
+    assert_refused(
+        &post(issues, form, b"title=x&_method=DELETE"),
+        400,
+        "bad_request",
+    );
+    // Rack reads a POST body without a type as a form.
+    assert_refused(&post(issues, "", b"_method=DELETE"), 400, "bad_request");
+    assert_refused(
+        &post(issues, multipart, part(".method").as_bytes()),
+        400,
+        "bad_request",
+    );
+    // Without one, the same bodies are forwarded whole.
+    let r = post(issues, form, b"title=x&body=y");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json().expect("echo")["headers"]["content-length"], "14");
+    let body = part("description");
+    let r = post(issues, multipart, body.as_bytes());
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json().expect("echo")["headers"]["content-length"],
+        body.len().to_string()
+    );
+    let lines = w.sandbox.audit_lines(7);
+    let refusals: Vec<String> = lines
+        .iter()
+        .take(5)
+        .map(|l| format!("{}/{}/{}", l["decision"], l["stage"], l["reason"]))
+        .collect();
+    assert_eq!(
+        refusals,
+        [
+            r#""deny"/"sanitize"/"bad_request""#,
+            r#""deny"/"sanitize"/"bad_request""#,
+            r#""deny"/"method_override"/"bad_request""#,
+            r#""deny"/"method_override"/"bad_request""#,
+            r#""deny"/"method_override"/"bad_request""#,
+        ],
+        "{lines:?}"
+    );
+}
+
+/// Accepts the proxy's connection on `upstream` and reads what arrives on
+/// it until `whole` says the request is complete (then answers `200` and
+/// closes, so the next request takes a new connection) or the proxy
+/// closes it; returns the bytes and whether the proxy closed it.
+fn upstream_receives(
+    upstream: std::net::TcpListener,
+    whole: impl Fn(&[u8]) -> bool + Send + 'static,
+) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        upstream.set_nonblocking(true).expect("nonblocking");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut conn = loop {
+            match upstream.accept() {
+                Ok((conn, _)) => break conn,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("the proxy never connected upstream: {e}"),
+            }
+        };
+        conn.set_nonblocking(false).expect("blocking");
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return (received, true),
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(_) => return (received, false),
+            }
+            if whole(&received) {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+                return (received, false);
+            }
+        }
+    })
+}
+
+#[test]
+fn requests_whose_host_or_framing_the_rfc_refuses_are_refused() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let w = world_with_upstream(&upstream);
+    let client = w.sandbox.client(Some(TRIAGE)).expect("client");
+    let raw = |request: &[u8]| {
+        w.rt.block_on(async {
+            let mut conn = client.connect().await.expect("connect");
+            conn.write(request).await.expect("write");
+            conn.read_response().await.expect("response")
+        })
+    };
+    // A list in `Host`: Tether would route on the whole string, the
+    // upstream on either name. No `Host` at all in HTTP/1.1.
+    let r = raw(b"GET /v1/repos/tether/issues HTTP/1.1\r\nhost: localhost, evil.example\r\n\r\n");
+    assert_refused(&r, 400, "bad_request");
+    let r = raw(b"GET /v1/repos/tether/issues HTTP/1.1\r\n\r\n");
+    assert_refused(&r, 400, "bad_request");
+    // Two `Host` lines are refused by pingora before the chain.
+    let r = w
+        .send(
+            Some(TRIAGE),
+            "GET",
+            "/v1/repos/tether/issues",
+            &[("host", "b")],
+        )
+        .expect("response");
+    assert_eq!(r.status, 400, "{r:?}");
+    let lines = w.sandbox.audit_lines(2);
+    for line in &lines {
+        assert_eq!(line["stage"], "sanitize", "{line}");
+        assert_eq!(line["reason"], "bad_request", "{line}");
+    }
+
+    // Two `Content-Length` lines of one value reach the upstream as one.
+    let receives = upstream_receives(upstream.try_clone().expect("listener"), |r| {
+        r.ends_with(b"\r\n\r\n{}")
+    });
+    let r = raw(b"POST /v1/repos/tether/issues HTTP/1.1\r\nhost: api\r\n\
+          content-type: application/json\r\n\
+          content-length: 2\r\ncontent-length: 2\r\n\r\n{}");
+    assert_eq!(r.status, 200, "{r:?}");
+    let (received, _) = receives.join().expect("upstream");
+    let head = String::from_utf8_lossy(&received).to_ascii_lowercase();
+    assert_eq!(head.matches("content-length:").count(), 1, "{head}");
+
+    // A chunk size that is not hex: the request is malformed, refused, and
+    // the upstream, which had its head and first chunk, never gets the
+    // rest: its connection is closed, not reused.
+    let receives = upstream_receives(upstream, |_| false);
+    let r = w.rt.block_on(async {
+        let mut conn = client.connect().await.expect("connect");
+        conn.write(
+            b"POST /v1/repos/tether/issues HTTP/1.1\r\nhost: api\r\n\
+              content-type: application/json\r\n\
+              transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n",
+        )
+        .await
+        .expect("write");
+        // The upstream has the head and the first chunk by now.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        conn.write(b"zz\r\nmore\r\n0\r\n\r\n").await.expect("write");
+        conn.read_response().await.expect("response")
+    });
+    assert_refused(&r, 400, "bad_request");
+    let (received, closed) = receives.join().expect("upstream");
+    assert!(closed, "the upstream connection is closed");
+    let received = String::from_utf8_lossy(&received);
+    assert!(received.contains("{}"), "{received}");
+    assert!(!received.contains("more"), "{received}");
+    assert!(!received.ends_with("0\r\n\r\n"), "{received}");
+    let lines = w.sandbox.audit_lines(4);
+    let last = lines.last().expect("a line");
+    assert_eq!(last["decision"], "deny", "{last}");
+    assert_eq!(last["reason"], "bad_request", "{last}");
+    assert_eq!(last["status"], 400, "{last}");
+}
+
+#[test]
+fn a_backslash_in_the_path_is_refused() {
+    // IIS, ASP.NET and several Node and Python servers read `\` as `/`:
+    // decided as issues of a repository `x\..\..\admin` (which policy
+    // allows), these would be served as `/v1/admin/issues`.
+    let w = World::new();
+    for path in [
+        "/v1/repos/x\\..\\..\\admin/issues",
+        "/v1/repos/x%5C..%5C..%5Cadmin/issues",
+        "/v1/repos/x%5c..%5c..%5cadmin/issues",
+    ] {
+        assert_refused(&w.get(TRIAGE, path), 400, "bad_path");
+    }
+}
+
+#[test]
+fn an_encoded_slash_is_refused_kept_or_decoded_as_configured() {
+    use tether_config::EncodedSlash;
+    // By default: refused, since back ends differ on what it means.
+    let w = World::new();
+    assert_refused(
+        &w.get(TRIAGE, "/v1/repos/te%2Fther/issues"),
+        400,
+        "bad_path",
+    );
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["stage"], "sanitize", "{line}");
+    drop(w);
+
+    // `keep`: one segment, the repository `te/ther`, forwarded as sent.
+    let w = World::with(|c| c.paths.encoded_slash = EncodedSlash::Keep);
+    let r = w.get(TRIAGE, "/v1/repos/te%2Fther/issues");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json().expect("echo")["target"],
+        "/v1/repos/te%2Fther/issues"
+    );
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["resource"], "Repo::\"te/ther\"", "{line}");
+    drop(w);
+
+    // `decode`: separators before dot segments and routing, and the
+    // decoded path is what the upstream gets.
+    let w = World::with(|c| c.paths.encoded_slash = EncodedSlash::Decode);
+    let r = w.get(TRIAGE, "/v1/repos/x%2F..%2Ftether/issues");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json().expect("echo")["target"], "/v1/repos/tether/issues");
+    assert_refused(
+        &w.get(TRIAGE, "/v1/public%2F..%2Fadmin"),
+        403,
+        "policy_denied",
+    );
+    drop(w);
+
+    // An upstream may refuse what the global setting keeps.
+    let w = World::with(|c| {
+        c.paths.encoded_slash = EncodedSlash::Keep;
+        if let Some(u) = c.upstream.as_mut() {
+            u.encoded_slash = Some(EncodedSlash::Reject);
+        }
+    });
+    assert_refused(
+        &w.get(TRIAGE, "/v1/repos/te%2Fther/issues"),
+        400,
+        "bad_path",
+    );
+    assert_eq!(w.get(TRIAGE, "/v1/repos/tether/issues").status, 200);
+    let line = &w.sandbox.audit_lines(1)[0];
+    assert_eq!(line["stage"], "upstream", "{line}");
+    assert_eq!(line["reason"], "bad_path", "{line}");
+}

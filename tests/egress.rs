@@ -135,6 +135,7 @@ fn egress() -> (World, Pod, String) {
                     spiffe_id: None,
                     trust_domain: None,
                 }),
+                encoded_slash: None,
             },
             Upstream {
                 name: Some("local".into()),
@@ -369,6 +370,7 @@ fn an_upstream_authorized_by_spiffe_id_must_present_that_id() {
                 spiffe_id: by_id.then(|| OneOrMany::One(API.into())),
                 trust_domain: None,
             }),
+            encoded_slash: None,
         };
         c.upstream = None;
         c.upstreams = vec![

@@ -61,7 +61,8 @@ pub struct Config {
     pub policy: Policy,
     /// Method + path templates mapped to Cedar actions and resources.
     pub routes: Vec<Route>,
-    /// How request paths are read, to read them as the upstream does.
+    /// How request paths are read, to read them as the upstream does;
+    /// reloads with `routes`.
     #[serde(default)]
     pub paths: Paths,
     /// The decision cache.
@@ -81,11 +82,11 @@ pub struct Config {
     pub reload: Reload,
 }
 
-/// Hot reload. What reloads: `routes`, `registry`, `policy` and the files
-/// they name, the `trust_domains` bundles, `tokens` (issuers, their JWKS
-/// files, URLs and CA files), and the listener's and the workload's
-/// certificates (rotation). Changes to other sections are reported and
-/// take effect at the next restart.
+/// Hot reload. What reloads: `routes`, `paths`, `registry`, `policy` and
+/// the files they name, the `trust_domains` bundles, `tokens` (issuers,
+/// their JWKS files, URLs and CA files), and the listener's and the
+/// workload's certificates (rotation). Changes to other sections are
+/// reported and take effect at the next restart.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Reload {
@@ -105,6 +106,36 @@ impl Default for Reload {
             poll_interval_ms: 1000,
         }
     }
+}
+
+/// How request paths are read. Routing and policy must read a path as
+/// the upstream will, or a request is decided as one path and served as
+/// another.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Paths {
+    /// What an encoded slash (`%2F`) inside a path segment means.
+    pub encoded_slash: EncodedSlash,
+    /// Whether route literals match the request's path whatever its case.
+    pub case: PathCase,
+}
+
+/// What an encoded slash (`%2F`) in a request path means. Servers differ:
+/// some keep it inside the segment, some decode it before routing, so a
+/// path that holds one can be decided as one resource and served as
+/// another.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodedSlash {
+    /// Refuse the request (`bad_path`).
+    #[default]
+    Reject,
+    /// A character inside its segment: `/v1/repos/a%2Fb` is one repository
+    /// `a/b`, and is forwarded as sent.
+    Keep,
+    /// A separator: `%2F` becomes `/` before dot segments are removed and
+    /// routes matched, and the decoded path is what is forwarded.
+    Decode,
 }
 
 /// Which side of the wire Tether stands on.
@@ -220,6 +251,13 @@ pub struct Upstream {
     /// same pod or node).
     #[serde(default)]
     pub tls: Option<UpstreamTls>,
+    /// `reject`: refuse requests for this upstream whose path held an
+    /// encoded slash, whatever `paths.encoded_slash` lets through (for a
+    /// back end that decodes `%2F` before routing). Only `reject`, or the
+    /// global value, can be set: paths are normalized before the upstream
+    /// is chosen.
+    #[serde(default)]
+    pub encoded_slash: Option<EncodedSlash>,
 }
 
 /// TLS towards the upstream.
@@ -594,16 +632,6 @@ fn unique_keys<'de, D: serde::Deserializer<'de>>(
         }
     }
     d.deserialize_map(Unique)
-}
-
-/// How request paths are read. Routing and policy must read a path as
-/// the upstream will, or a request is decided as one path and served as
-/// another.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct Paths {
-    /// Whether route literals match the request's path whatever its case.
-    pub case: PathCase,
 }
 
 /// How route literals compare with a request's path segments.

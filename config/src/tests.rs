@@ -374,3 +374,31 @@ fn an_upstream_authorized_by_spiffe_id_names_ids_of_a_listed_trust_domain() {
         );
     }
 }
+
+#[test]
+fn encoded_slash_is_rejected_by_default_and_an_upstream_may_only_be_stricter() {
+    let c = parse(MINIMAL).expect("minimal config");
+    assert_eq!(c.paths.encoded_slash, EncodedSlash::Reject);
+    let with = |paths: &str, upstream: &str| {
+        let text = MINIMAL.replace(
+            "upstream:\n  address: 127.0.0.1:8080\n",
+            &format!("paths: {{encoded_slash: {paths}}}\nupstream:\n  address: 127.0.0.1:8080\n  encoded_slash: {upstream}\n"),
+        );
+        let c = parse(&text).expect("parses");
+        c.validate()
+            .into_iter()
+            .filter(|e| e.field == "upstream.encoded_slash")
+            .map(|e| e.message)
+            .collect::<Vec<_>>()
+    };
+    assert!(with("keep", "reject").is_empty());
+    assert!(with("decode", "reject").is_empty());
+    assert!(with("keep", "keep").is_empty());
+    let refused = with("keep", "decode");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("only `reject`"), "{refused:?}");
+    assert_eq!(with("reject", "keep").len(), 1);
+    let e = parse(&MINIMAL.replace("routes:", "paths: {encoded_slash: maybe}\nroutes:"))
+        .expect_err("unknown value");
+    assert_eq!(e.field, "paths.encoded_slash");
+}

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::spiffe::{check_trust_domain, SpiffeId};
-use crate::{AgentSpec, ClientAuth, Config, ConfigError, Mode, TokenKind, UpstreamTls};
+use crate::{
+    AgentSpec, ClientAuth, Config, ConfigError, EncodedSlash, Mode, TokenKind, UpstreamTls,
+};
 
 /// HTTP methods a route may name.
 const METHODS: &[&str] = &[
@@ -305,6 +307,16 @@ fn check_upstreams(p: &mut Problems<'_>, c: &Config) {
                 p.push(
                     format!("{field}.path_prefix"),
                     format!("`{prefix}` must start with `/`"),
+                );
+            }
+        }
+        if let Some(slash) = upstream.encoded_slash {
+            if slash != EncodedSlash::Reject && slash != c.paths.encoded_slash {
+                p.push(
+                    format!("{field}.encoded_slash"),
+                    "only `reject` can be set per upstream (paths are normalized before the \
+                     upstream is chosen): set `paths.encoded_slash` to change how every path is \
+                     read",
                 );
             }
         }

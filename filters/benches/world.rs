@@ -16,6 +16,7 @@ use tether_filters::identity::pki::Pki;
 use tether_filters::identity::{Identity, PeerIdentity};
 use tether_filters::lifecycle::Lifecycle;
 use tether_filters::mcp::Mcp;
+use tether_filters::method_override::MethodOverride;
 use tether_filters::record::Metrics;
 use tether_filters::route::Routing;
 use tether_filters::sanitize::Sanitize;
@@ -140,6 +141,7 @@ impl World {
             Box::new(Lifecycle),
             Box::new(Routing),
             Box::new(Mcp),
+            Box::new(MethodOverride),
         ]
     }
 

@@ -16,6 +16,7 @@ use crate::authorize::Decision;
 use crate::identity::PeerIdentity;
 use crate::lifecycle::Agent;
 use crate::mcp::McpCall;
+use crate::method_override::MultipartNames;
 use crate::route::RouteMatch;
 use crate::upstream::UpstreamChoice;
 use crate::{Denial, Snapshot};
@@ -157,6 +158,9 @@ pub struct RequestCtx {
     /// The normalized path (no query), as routed, decided and forwarded.
     /// (A `SmolStr`: most paths fit inline, so no allocation.)
     pub path: SmolStr,
+    /// sanitize: the path as sent held an encoded slash (`%2F`), which
+    /// `paths.encoded_slash` let through; an upstream may still refuse it.
+    pub encoded_slash: bool,
     /// The host, lower case and without port, as routed and as the
     /// upstream is chosen by.
     pub host: Option<SmolStr>,
@@ -170,6 +174,9 @@ pub struct RequestCtx {
     pub route: Option<RouteMatch>,
     /// mcp: the JSON-RPC call, on MCP routes.
     pub mcp: Option<McpCall>,
+    /// method_override: on a multipart body, the scan its chunks pass
+    /// through on their way to the upstream.
+    pub multipart: Option<Box<MultipartNames>>,
     /// authorize: Cedar's decision.
     pub decision: Option<Arc<Decision>>,
     /// authorize: whether the decision came from the cache.
@@ -199,12 +206,14 @@ impl RequestCtx {
             peer_rejected: false,
             keys_refetched: false,
             path: SmolStr::default(),
+            encoded_slash: false,
             host: None,
             body: None,
             principal: None,
             agent: None,
             route: None,
             mcp: None,
+            multipart: None,
             decision: None,
             cache_hit: None,
             upstream: None,

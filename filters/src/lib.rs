@@ -16,6 +16,7 @@ pub mod identity;
 pub mod lifecycle;
 pub mod lint;
 pub mod mcp;
+pub mod method_override;
 pub mod reason;
 pub mod record;
 pub mod route;
@@ -43,7 +44,7 @@ pub trait Filter: Send + Sync {
     /// If this stage must see the request body before it can decide, the
     /// most bytes it accepts. The chain then pauses until the proxy has
     /// read the body into `ctx.body`.
-    fn body_limit(&self, _ctx: &RequestCtx) -> Option<usize> {
+    fn body_limit(&self, _req: &RequestHeader, _ctx: &RequestCtx) -> Option<usize> {
         None
     }
 
@@ -134,7 +135,7 @@ impl Chain {
     ) -> Result<Progress, Denial> {
         for (i, filter) in self.filters.iter().enumerate().skip(start) {
             if ctx.body.is_none() {
-                if let Some(limit) = filter.body_limit(ctx) {
+                if let Some(limit) = filter.body_limit(req, ctx) {
                     return Ok(Progress::NeedsBody {
                         resume_at: i,
                         limit,

@@ -799,14 +799,14 @@ impl Filter for Mcp {
         "mcp"
     }
 
-    fn body_limit(&self, ctx: &RequestCtx) -> Option<usize> {
+    fn body_limit(&self, _req: &RequestHeader, ctx: &RequestCtx) -> Option<usize> {
         let route = ctx.route.as_ref()?;
         let mcp = ctx.snapshot.routes.get(route.index)?.mcp.as_ref()?;
         Some(mcp.max_body)
     }
 
-    fn apply(&self, _req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
-        let Some(limit) = self.body_limit(ctx) else {
+    fn apply(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<(), Denial> {
+        let Some(limit) = self.body_limit(req, ctx) else {
             return Ok(()); // not an MCP route
         };
         let Some(body) = &ctx.body else {

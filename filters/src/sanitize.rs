@@ -8,6 +8,7 @@
 
 use pingora_http::RequestHeader;
 use smol_str::SmolStr;
+use tether_config::EncodedSlash;
 
 use crate::{Denial, Filter, Reason, RequestCtx};
 
@@ -84,12 +85,19 @@ impl Filter for Sanitize {
             req.insert_header(http::header::HOST, authority)
                 .map_err(|_| Denial::new(Reason::BadPath, "bad authority in the request target"))?;
         }
+        check_host(req)?;
+        single_content_length(req)?;
         let raw_path = req.uri.path();
-        let path = normalize_path(raw_path)
+        let slash = ctx.snapshot.encoded_slash;
+        let path = normalize_path_as(raw_path, slash)
             .map_err(|e| Denial::new(Reason::BadPath, format!("path `{raw_path}`: {e}")))?;
+        // Rejected already when the setting says so; otherwise kept for an
+        // upstream that refuses it.
+        ctx.encoded_slash = slash != EncodedSlash::Reject && has_encoded_slash(raw_path);
         let query = req.uri.query();
-        if query.is_some_and(overrides_method) {
-            // Express's method-override and Laravel read it: decided as
+        if query.is_some_and(|q| crate::method_override::form_overrides_method(q.as_bytes())) {
+            // Express's method-override, Laravel and Symfony read it (PHP
+            // reads `.method` and ` _method` as `_method` too): decided as
             // the POST it says it is, it would be served as a DELETE.
             return Err(Denial::new(
                 Reason::BadRequest,
@@ -111,6 +119,103 @@ impl Filter for Sanitize {
         ctx.host = crate::route::request_host(req);
         Ok(())
     }
+}
+
+/// Refuses a request whose host is missing or not one name (RFC 9112,
+/// section 3.2): routing and upstream choice read it, and a `Host` of
+/// `a, b` would be matched whole by Tether while the upstream picks
+/// either. HTTP/1.1 requires a `Host`; HTTP/2 names the host in its
+/// `:authority`, which the URI holds; HTTP/1.0 may omit it.
+fn check_host(req: &RequestHeader) -> Result<(), Denial> {
+    let bad = |what: String| Err(Denial::new(Reason::BadRequest, what));
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => bad("two `Host` headers".into()),
+        (Some(host), None) if !is_host(host.as_bytes()) => bad(format!(
+            "`Host` is not one host name: `{}`",
+            host.as_bytes().escape_ascii()
+        )),
+        (Some(_), None) => Ok(()),
+        (None, _) => match req.uri.authority() {
+            Some(authority) if !is_host(authority.as_str().as_bytes()) => bad(format!(
+                "the authority is not one host name: `{}`",
+                authority.as_str().as_bytes().escape_ascii()
+            )),
+            Some(_) => Ok(()),
+            None if req.version >= http::Version::HTTP_11 => {
+                bad("an HTTP/1.1 request without `Host`".into())
+            }
+            None => Ok(()),
+        },
+    }
+}
+
+/// Whether `value` is one host, as `Host` carries it: a DNS name or IPv4
+/// address (letters, digits, `-`, `.`, `_`) or an IPv6 literal in `[]`,
+/// then an optional `:port`. Stricter than RFC 3986's `reg-name`, which
+/// allows `,`, `;`, `%` and more that no DNS name holds and that servers
+/// split on.
+fn is_host(value: &[u8]) -> bool {
+    let port_ok = |port: &[u8]| port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+    if let Some(v6) = value.strip_prefix(b"[") {
+        let Some(end) = v6.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let (literal, rest) = v6.split_at(end);
+        let after = rest.get(1..).unwrap_or_default();
+        return !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            && (after.is_empty() || after.strip_prefix(b":").is_some_and(port_ok));
+    }
+    let (name, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(colon) => (
+            value.get(..colon).unwrap_or_default(),
+            value.get(colon + 1..).unwrap_or_default(),
+        ),
+        None => (value, &b""[..]),
+    };
+    !name.is_empty()
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        && port_ok(port)
+}
+
+/// Two `Content-Length` lines of one value, or one line `5, 5`, which
+/// pingora accepts as one length (RFC 9110, section 8.6), are forwarded as
+/// one line: an upstream that refuses the list, or reads it otherwise,
+/// must not frame the body differently from Tether. Differing values are
+/// refused (pingora refuses them before this stage; here too, so no path
+/// forwards them).
+fn single_content_length(req: &mut RequestHeader) -> Result<(), Denial> {
+    let mut values = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let (Some(first), second) = (values.next(), values.next()) else {
+        return Ok(());
+    };
+    if second.is_none() && !first.as_bytes().contains(&b',') {
+        return Ok(()); // nearly every request with a body
+    }
+    let tokens = || {
+        req.headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+    };
+    let length = tokens().next().unwrap_or_default();
+    if length.is_empty() || !length.iter().all(u8::is_ascii_digit) || tokens().any(|t| t != length)
+    {
+        return Err(Denial::new(
+            Reason::BadRequest,
+            "`Content-Length` values differ or are not numbers",
+        ));
+    }
+    let length = http::HeaderValue::from_bytes(length)
+        .map_err(|_| Denial::new(Reason::BadRequest, "`Content-Length` is not a number"))?;
+    req.insert_header(http::header::CONTENT_LENGTH, length)
+        .map_err(|_| Denial::new(Reason::Internal, "cannot set `Content-Length`"))
 }
 
 /// The authority of an absolute-form request target (`http://b/x`).
@@ -145,14 +250,6 @@ fn is_target(raw: &[u8], path: &str, query: Option<&str>) -> bool {
 /// Headers Tether sets for the upstream besides its own `x-tether-*`:
 /// the trace context of its span.
 const TRACE_CONTEXT: &[&str] = &["traceparent", "tracestate"];
-
-/// Whether a query names a `_method` parameter, however spelled.
-fn overrides_method(query: &str) -> bool {
-    query.split(['&', ';']).any(|param| {
-        let name = param.split('=').next().unwrap_or_default();
-        segment_value(name).is_some_and(|n| n.eq_ignore_ascii_case("_method"))
-    })
-}
 
 /// Whether `name` (lower case) is [`SPOOFABLE`], or a spelling of one with
 /// `_` for `-` (`x_tether_agent`).
@@ -233,20 +330,38 @@ fn drop_tethers_from_connection(req: &mut RequestHeader) {
     }
 }
 
-/// Normalizes a request path (RFC 3986 section 6.2.2):
-/// - percent-encoded unreserved characters are decoded (`%2e` is `.`,
-///   `%7E` is `~`), other escapes are kept with upper-case hex, so `%2F`
-///   stays a character inside a segment and never becomes a separator;
-/// - `.` and `..` segments are removed (`..` never climbs above `/`);
-/// - runs of `/` collapse into one.
-///
-/// Refused: a path not starting with `/`, malformed escapes, and encoded
-/// NUL or control characters.
-pub fn normalize_path(path: &str) -> Result<SmolStr, &'static str> {
+/// Whether a path holds an encoded slash (`%2F`, `%2f`).
+pub fn has_encoded_slash(path: &str) -> bool {
+    path.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'2' && (w[2] | 0x20) == b'f')
+}
+
+/// [`normalize_path`], with `%2F` read as `slash` says: refused, kept
+/// inside its segment, or decoded to a `/` before dot segments are
+/// removed (so `/a%2F..%2Fb` is `/b`).
+pub fn normalize_path_as(path: &str, slash: EncodedSlash) -> Result<SmolStr, &'static str> {
     if is_normal(path) {
         return Ok(SmolStr::new(path));
     }
-    rewrite_path(path).map(SmolStr::from)
+    rewrite_path(path, slash).map(SmolStr::from)
+}
+
+/// Normalizes a request path (RFC 3986 section 6.2.2):
+/// - percent-encoded unreserved characters are decoded (`%2e` is `.`,
+///   `%7E` is `~`), other escapes are kept with upper-case hex, so `%2F`
+///   stays a character inside a segment and never becomes a separator
+///   (`paths.encoded_slash: keep`; see [`normalize_path_as`]);
+/// - `.` and `..` segments are removed (`..` never climbs above `/`);
+/// - runs of `/` collapse into one.
+///
+/// Refused: a path not starting with `/`, malformed escapes, encoded
+/// NUL or control characters, and a backslash, raw or encoded (`%5C`):
+/// IIS, ASP.NET and several Node and Python servers read it as `/`, so
+/// `/v1/public/..\admin` would be decided as a segment under
+/// `/v1/public` and served as `/v1/admin`.
+pub fn normalize_path(path: &str) -> Result<SmolStr, &'static str> {
+    normalize_path_as(path, EncodedSlash::Keep)
 }
 
 /// Whether `path` is already what [`normalize_path`] makes of it, as
@@ -263,7 +378,8 @@ fn is_normal(path: &str) -> bool {
         return true;
     }
     let segments = rest.strip_suffix(b"/").unwrap_or(rest);
-    path.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%')
+    path.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'%' && b != b'\\')
         && !segments.is_empty()
         && segments
             .split(|&b| b == b'/')
@@ -271,11 +387,11 @@ fn is_normal(path: &str) -> bool {
 }
 
 /// [`normalize_path`] for a path that is not already normal.
-fn rewrite_path(path: &str) -> Result<String, &'static str> {
+fn rewrite_path(path: &str, slash: EncodedSlash) -> Result<String, &'static str> {
     if !path.starts_with('/') {
         return Err("must start with `/`");
     }
-    let decoded = decode_unreserved(path)?;
+    let decoded = decode_unreserved(path, slash)?;
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
         match segment {
@@ -301,7 +417,7 @@ fn rewrite_path(path: &str) -> Result<String, &'static str> {
     Ok(out)
 }
 
-fn decode_unreserved(path: &str) -> Result<String, &'static str> {
+fn decode_unreserved(path: &str, slash: EncodedSlash) -> Result<String, &'static str> {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
@@ -318,6 +434,22 @@ fn decode_unreserved(path: &str) -> Result<String, &'static str> {
             if c < 0x20 || c == 0x7f {
                 return Err("encoded control character");
             }
+            if c == b'\\' {
+                return Err(BACKSLASH);
+            }
+            if c == b'/' {
+                match slash {
+                    EncodedSlash::Reject => {
+                        return Err("an encoded slash (`%2F`), which servers read differently")
+                    }
+                    EncodedSlash::Decode => {
+                        out.push('/');
+                        i += 3;
+                        continue;
+                    }
+                    EncodedSlash::Keep => {}
+                }
+            }
             if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
                 out.push(c as char);
             } else {
@@ -328,6 +460,8 @@ fn decode_unreserved(path: &str) -> Result<String, &'static str> {
             i += 3;
         } else if b < 0x20 || b == 0x7f {
             return Err("control character");
+        } else if b == b'\\' {
+            return Err(BACKSLASH);
         } else if b >= 0x80 {
             // Raw UTF-8, which the HTTP layer lets through: written as the
             // escapes it stands for, one form for both spellings.
@@ -344,6 +478,8 @@ fn decode_unreserved(path: &str) -> Result<String, &'static str> {
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+const BACKSLASH: &str = "a backslash, which some servers read as `/`";
 
 /// A normalized path segment's value: its escapes decoded, as the
 /// upstream's framework decodes a path parameter, so that `ceo%40x.org`
@@ -385,6 +521,14 @@ fn hex(c: u8) -> Option<u8> {
 mod tests {
     use super::*;
     use crate::testing;
+
+    /// A request as a client sends it: with a `Host`.
+    fn request(method: &str, target: &[u8]) -> RequestHeader {
+        let mut req = RequestHeader::build(method, target, None).expect("request");
+        req.insert_header("host", "api.example.org")
+            .expect("header");
+        req
+    }
 
     #[test]
     fn raw_utf8_is_written_as_its_escapes_and_segments_decode_to_text() {
@@ -436,7 +580,21 @@ mod tests {
 
     #[test]
     fn malformed_paths_are_refused() {
-        for input in ["", "v1", "*", "/a%2", "/a%zz", "/a%00b", "/a%0a", "/a%7f"] {
+        for input in [
+            "",
+            "v1",
+            "*",
+            "/a%2",
+            "/a%zz",
+            "/a%00b",
+            "/a%0a",
+            "/a%7f",
+            "/v1/public/..\\admin",
+            "/a\\b",
+            "/a%5Cb",
+            "/a%5cb",
+            "/v1/public/%2e%2e%5cadmin",
+        ] {
             assert!(normalize_path(input).is_err(), "accepted {input:?}");
         }
     }
@@ -458,7 +616,7 @@ mod tests {
         fn a_path_kept_as_it_is_is_what_the_rewrite_makes(
             path in "/?(([a.~%]|%2[eEfF]|\\.\\.|/| |\\x7f|\\x01|é){0,6})"
         ) {
-            let rewritten = rewrite_path(&path);
+            let rewritten = rewrite_path(&path, EncodedSlash::Keep);
             if is_normal(&path) {
                 proptest::prop_assert_eq!(rewritten.as_deref(), Ok(path.as_str()));
             }
@@ -473,10 +631,16 @@ mod tests {
             ("/v1/x?_method=DELETE", false),
             ("/v1/x?a=1&_METHOD=delete", false),
             ("/v1/x?a=1;%5Fmethod=delete", false),
+            // As PHP mangles names: Laravel and Symfony read these as `_method`.
+            ("/v1/x?.method=DELETE", false),
+            ("/v1/x?%20_method=DELETE", false),
+            ("/v1/x?+_method=DELETE", false),
+            ("/v1/x?_method[]=DELETE", false),
+            ("/v1/x?%2Emethod=DELETE", false),
             ("/v1/x?a=_method&b_method=1", true),
             ("/v1/x?method=GET", true),
         ] {
-            let mut req = RequestHeader::build("POST", target.as_bytes(), None).expect("request");
+            let mut req = request("POST", target.as_bytes());
             let result = Sanitize.apply(&mut req, &mut testing::ctx());
             assert_eq!(result.is_ok(), passes, "{target}");
         }
@@ -487,7 +651,7 @@ mod tests {
         let fits = format!("/v1/{}", "a".repeat(MAX_TARGET - 4));
         let over = format!("{fits}b");
         for (target, passes) in [(fits, true), (over, false)] {
-            let mut req = RequestHeader::build("GET", target.as_bytes(), None).expect("request");
+            let mut req = request("GET", target.as_bytes());
             let result = Sanitize.apply(&mut req, &mut testing::ctx());
             assert_eq!(result.is_ok(), passes, "{} bytes", target.len());
         }
@@ -495,8 +659,7 @@ mod tests {
 
     #[test]
     fn spoofable_headers_are_stripped_and_the_path_rewritten() {
-        let mut req =
-            RequestHeader::build("GET", b"/v1/public/%2e%2e/admin?x=1", None).expect("request");
+        let mut req = request("GET", b"/v1/public/%2e%2e/admin?x=1");
         for name in [
             "X-Tether-Owner",
             "x-tether-agent",
@@ -566,7 +729,7 @@ mod tests {
     #[test]
     fn connection_cannot_name_the_headers_tether_sets() {
         let connection = |values: &[&str]| {
-            let mut req = RequestHeader::build("GET", b"/v1/x", None).expect("request");
+            let mut req = request("GET", b"/v1/x");
             for v in values {
                 req.append_header("connection", *v).expect("header");
             }
@@ -622,10 +785,152 @@ mod tests {
 
     #[test]
     fn a_bad_path_is_denied_as_bad_path() {
-        let mut req = RequestHeader::build("GET", b"/a%zz", None).expect("request");
+        let mut req = request("GET", b"/a%zz");
         let denial = Sanitize
             .apply(&mut req, &mut testing::ctx())
             .expect_err("denied");
+        assert_eq!(denial.reason, Reason::BadPath);
+    }
+
+    #[test]
+    fn a_host_that_is_missing_or_not_one_name_is_refused() {
+        for (host, passes) in [
+            (Some("api.example.org"), true),
+            (Some("API.example.org.:8443"), true),
+            (Some("127.0.0.1:8443"), true),
+            (Some("[::1]:8443"), true),
+            (Some("[::1]"), true),
+            (Some("svc_name.ns"), true),
+            (Some("localhost, evil.example"), false),
+            (Some("localhost,evil.example"), false),
+            (Some("a b"), false),
+            (Some(""), false),
+            (Some(":8443"), false),
+            (Some("a:port"), false),
+            (Some("a:123456"), false),
+            (Some("[::1"), false),
+            (Some("[::1]x"), false),
+            (Some("[]"), false),
+            (Some("a%2eb"), false),
+            (None, false),
+        ] {
+            let mut req = RequestHeader::build("GET", b"/v1/x", None).expect("request");
+            if let Some(host) = host {
+                req.insert_header("host", host).expect("header");
+            }
+            let result = Sanitize.apply(&mut req, &mut testing::ctx());
+            assert_eq!(result.is_ok(), passes, "{host:?}: {result:?}");
+            if let Err(denial) = result {
+                assert_eq!(denial.reason, Reason::BadRequest, "{host:?}");
+            }
+        }
+        let mut two = request("GET", b"/v1/x");
+        two.append_header("host", "evil.example").expect("header");
+        assert!(Sanitize.apply(&mut two, &mut testing::ctx()).is_err());
+        // HTTP/1.0 may omit it.
+        let mut old = RequestHeader::build("GET", b"/v1/x", None).expect("request");
+        old.set_version(http::Version::HTTP_10);
+        assert!(Sanitize.apply(&mut old, &mut testing::ctx()).is_ok());
+    }
+
+    #[test]
+    fn an_http2_request_names_its_host_in_its_authority() {
+        let h2 = |uri: &str| {
+            let (parts, ()) = http::Request::builder()
+                .version(http::Version::HTTP_2)
+                .uri(uri)
+                .body(())
+                .expect("request")
+                .into_parts();
+            RequestHeader::from(parts)
+        };
+        let mut req = h2("https://API.example.org/v1/x");
+        let mut ctx = testing::ctx();
+        Sanitize.apply(&mut req, &mut ctx).expect("passes");
+        assert_eq!(ctx.host.as_deref(), Some("api.example.org"));
+        assert_eq!(ctx.path, "/v1/x");
+        assert!(Sanitize
+            .apply(&mut h2("/v1/x"), &mut testing::ctx())
+            .is_err());
+    }
+
+    #[test]
+    fn content_length_lines_of_one_value_become_one() {
+        let lengths = |values: &[&str]| {
+            let mut req = request("POST", b"/v1/x");
+            for v in values {
+                req.append_header("content-length", *v).expect("header");
+            }
+            let result = Sanitize.apply(&mut req, &mut testing::ctx());
+            result.map(|()| {
+                req.headers
+                    .get_all("content-length")
+                    .iter()
+                    .map(|v| v.to_str().expect("text").to_string())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(lengths(&["5"]), Ok(vec!["5".to_string()]));
+        assert_eq!(lengths(&["5", "5"]), Ok(vec!["5".to_string()]));
+        assert_eq!(lengths(&["5, 5"]), Ok(vec!["5".to_string()]));
+        assert_eq!(lengths(&[]), Ok(vec![]));
+        for differing in [&["5", "6"][..], &["5, 6"], &["5", ""], &["x", "x"]] {
+            let denial = lengths(differing).expect_err("refused");
+            assert_eq!(denial.reason, Reason::BadRequest, "{differing:?}");
+        }
+    }
+
+    #[test]
+    fn an_encoded_slash_is_refused_kept_or_decoded_as_configured() {
+        use EncodedSlash::*;
+        for (input, reject, keep, decode) in [
+            (
+                "/v1/repos/a%2Fb/issues",
+                None,
+                Some("/v1/repos/a%2Fb/issues"),
+                Some("/v1/repos/a/b/issues"),
+            ),
+            (
+                "/v1/repos/a%2fb",
+                None,
+                Some("/v1/repos/a%2Fb"),
+                Some("/v1/repos/a/b"),
+            ),
+            (
+                "/v1/public%2F..%2Fadmin",
+                None,
+                Some("/v1/public%2F..%2Fadmin"),
+                Some("/v1/admin"),
+            ),
+            (
+                "/v1/a%252Fb",
+                Some("/v1/a%252Fb"),
+                Some("/v1/a%252Fb"),
+                Some("/v1/a%252Fb"),
+            ),
+            (
+                "/v1/plain",
+                Some("/v1/plain"),
+                Some("/v1/plain"),
+                Some("/v1/plain"),
+            ),
+        ] {
+            for (slash, expected) in [(Reject, reject), (Keep, keep), (Decode, decode)] {
+                let got = normalize_path_as(input, slash);
+                assert_eq!(got.as_deref().ok(), expected, "{input} with {slash:?}");
+            }
+        }
+        assert!(has_encoded_slash("/a%2fb") && has_encoded_slash("/a%2F"));
+        assert!(!has_encoded_slash("/a%252Fb") && !has_encoded_slash("/a/b%2"));
+    }
+
+    #[test]
+    fn the_stage_refuses_an_encoded_slash_by_default() {
+        let mut ctx = testing::ctx();
+        assert_eq!(ctx.snapshot.encoded_slash, EncodedSlash::Reject);
+        let denial = Sanitize
+            .apply(&mut request("GET", b"/v1/repos/a%2Fb/issues"), &mut ctx)
+            .expect_err("refused");
         assert_eq!(denial.reason, Reason::BadPath);
     }
 }

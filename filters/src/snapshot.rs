@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cedar_policy::EntityTypeName;
-use tether_config::{Config, ConfigError, ConfigErrors, PathCase, Tokens};
+use tether_config::{Config, ConfigError, ConfigErrors, EncodedSlash, PathCase, Tokens};
 
 use crate::authorize::{PolicyEngine, PolicySource};
 use crate::identity::jwt::TokenVerifier;
@@ -32,6 +32,8 @@ pub struct Snapshot {
     /// The names the schema declares in `context.arguments`, which MCP
     /// tool calls are checked against.
     pub mcp_arguments: ArgumentNames,
+    /// What `%2F` in a request path means (`paths.encoded_slash`).
+    pub encoded_slash: EncodedSlash,
 }
 
 impl Snapshot {
@@ -125,6 +127,7 @@ impl Snapshot {
             policy,
             tokens: Arc::new(TokenVerifier::new(&Tokens::default(), Vec::new())),
             mcp_arguments,
+            encoded_slash: config.paths.encoded_slash,
         })
     }
 

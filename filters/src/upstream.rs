@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use tether_config::Config;
+use tether_config::{Config, EncodedSlash};
 
 use crate::route::HostPattern;
 use crate::{Denial, Filter, Reason, RequestCtx};
@@ -32,6 +32,9 @@ struct Entry {
     name: Arc<str>,
     hosts: Option<Vec<HostPattern>>,
     path_prefix: Option<String>,
+    /// `encoded_slash: reject`: a back end that decodes `%2F` before
+    /// routing, which a path holding one must not reach.
+    rejects_encoded_slash: bool,
 }
 
 impl UpstreamTable {
@@ -46,6 +49,7 @@ impl UpstreamTable {
                     .as_ref()
                     .map(|h| h.values().into_iter().map(HostPattern::new).collect()),
                 path_prefix: u.path_prefix.clone(),
+                rejects_encoded_slash: u.encoded_slash == Some(EncodedSlash::Reject),
             })
             .collect();
         UpstreamTable { entries }
@@ -54,7 +58,14 @@ impl UpstreamTable {
     /// The first upstream whose hosts and path prefix match `host` (lower
     /// case, no port) and the normalized `path`.
     pub fn select(&self, host: Option<&str>, path: &str) -> Option<UpstreamChoice> {
-        let index = self.entries.iter().position(|e| {
+        self.position(host, path).map(|index| UpstreamChoice {
+            index,
+            name: self.entries[index].name.clone(),
+        })
+    }
+
+    fn position(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        self.entries.iter().position(|e| {
             let host_ok = match &e.hosts {
                 None => true,
                 Some(patterns) => host.is_some_and(|h| patterns.iter().any(|p| p.matches(h))),
@@ -63,10 +74,6 @@ impl UpstreamTable {
                 && e.path_prefix
                     .as_deref()
                     .is_none_or(|p| under_prefix(path, p))
-        })?;
-        Some(UpstreamChoice {
-            index,
-            name: self.entries[index].name.clone(),
         })
     }
 }
@@ -103,16 +110,31 @@ impl Filter for SelectUpstream {
         ctx: &mut RequestCtx,
     ) -> Result<(), Denial> {
         let host = ctx.host.as_deref();
-        match self.table.select(host, &ctx.path) {
-            Some(choice) => {
-                ctx.upstream = Some(choice);
-                Ok(())
-            }
-            None => Err(Denial::new(
+        let Some(index) = self.table.position(host, &ctx.path) else {
+            return Err(Denial::new(
                 Reason::NoRoute,
                 format!("no upstream for host {host:?} and path `{}`", ctx.path),
-            )),
+            ));
+        };
+        let entry = &self.table.entries[index];
+        if ctx.encoded_slash && entry.rejects_encoded_slash {
+            // `paths.encoded_slash` let it through; this upstream's back
+            // end would read it otherwise than the route did. No path in
+            // the detail: with `decode` it holds no `%2F` any more, and
+            // the record has the normalized one.
+            return Err(Denial::new(
+                Reason::BadPath,
+                format!(
+                    "the path held an encoded slash (`%2F`), which upstream `{}` refuses",
+                    entry.name
+                ),
+            ));
         }
+        ctx.upstream = Some(UpstreamChoice {
+            index,
+            name: entry.name.clone(),
+        });
+        Ok(())
     }
 }
 

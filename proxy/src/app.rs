@@ -18,6 +18,7 @@ use tether_filters::identity::tls::SpiffeClientVerifier;
 use tether_filters::identity::Identity;
 use tether_filters::lifecycle::Lifecycle;
 use tether_filters::mcp::Mcp;
+use tether_filters::method_override::MethodOverride;
 use tether_filters::record::{AuditSink, Metrics};
 use tether_filters::route::Routing;
 use tether_filters::sanitize::Sanitize;
@@ -110,6 +111,11 @@ pub fn chain(config: &Config, cache: Arc<DecisionCache>, metrics: &Metrics) -> C
         // On MCP routes, the JSON-RPC method and tool refine the action and
         // resource: it needs the route, and must precede the decision.
         Box::new(Mcp),
+        // A `_method` in a form or multipart body would have the upstream
+        // serve another method than the one decided: it must precede the
+        // decision, and stands after identity so that only a known agent
+        // can make Tether read a body.
+        Box::new(MethodOverride),
         // Whether policy allows it: needs the principal, agent and route.
         Box::new(Authorize::new(cache, metrics.shadow_disagreements.clone())),
         // Where it goes, by the host and normalized path routing read:

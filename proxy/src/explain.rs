@@ -105,9 +105,15 @@ impl Explainer {
         let id = SpiffeId::parse(&q.agent).map_err(anyhow::Error::msg)?;
         let mut req = RequestHeader::build(q.method.as_str(), q.path.as_bytes(), None)
             .with_context(|| format!("request `{} {}`", q.method, q.path))?;
-        if let Some(host) = &q.host {
-            req.insert_header(http::header::HOST, host)
-                .with_context(|| format!("host `{host}`"))?;
+        match &q.host {
+            Some(host) => {
+                req.insert_header(http::header::HOST, host)
+                    .with_context(|| format!("host `{host}`"))?;
+            }
+            // An HTTP/1.1 request without `Host` is refused; a question
+            // that names no host asks about a request that has none, as
+            // HTTP/1.0 may send it.
+            None => req.set_version(http::Version::HTTP_10),
         }
         let mut ctx = RequestCtx::new(self.snapshot.clone());
         if let Some(at) = &q.at {

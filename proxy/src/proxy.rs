@@ -74,7 +74,7 @@ impl Drop for Ctx {
 }
 
 /// The longest a request's body may take to arrive when it must be read
-/// to decide (MCP calls).
+/// to decide (MCP calls, form bodies).
 const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The longest a request waits for an issuer's keys to be refetched.
@@ -307,6 +307,11 @@ impl ProxyHttp for TetherProxy {
         Ok(false)
     }
 
+    /// Scans a multipart body on its way to the upstream (see
+    /// `method_override`); other bodies pass untouched. A refusal stops
+    /// the request before the chunk that completes the offending line is
+    /// sent: the upstream connection, left with a partial request, is
+    /// closed rather than reused.
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.req
             .upstream
@@ -337,9 +342,12 @@ impl ProxyHttp for TetherProxy {
         Ok(())
     }
 
-    /// On an MCP route, the body the client sent (held by pingora, and
-    /// replayed from there) is replaced by the call Tether parsed, written
-    /// out again: a server can only read what was decided on.
+    /// The body on its way to the upstream. On an MCP route, the body the
+    /// client sent (held by pingora, and replayed from there) is replaced
+    /// by the call Tether parsed, written out again: a server can only
+    /// read what was decided on. A multipart body is scanned for a
+    /// `_method` part as it streams, and stopped before the chunk that
+    /// would complete one.
     async fn request_body_filter(
         &self,
         _session: &mut Session,
@@ -348,6 +356,19 @@ impl ProxyHttp for TetherProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let Some(call) = &ctx.req.mcp else {
+            let Some(scan) = ctx.req.multipart.as_mut() else {
+                return Ok(());
+            };
+            let chunk = body.as_deref().unwrap_or_default();
+            if let Err(denial) = scan.feed(chunk, end_of_stream) {
+                // Answered and recorded by `fail_to_proxy`, from here.
+                let detail = denial.detail.to_string();
+                ctx.req.denied_by = Some("method_override");
+                ctx.req.denial = Some(denial);
+                return Err(
+                    Error::explain(pingora::ErrorType::InvalidHTTPHeader, detail).into_down(),
+                );
+            }
             return Ok(());
         };
         // The whole body was read before deciding, so it comes here as
@@ -508,9 +529,14 @@ impl ProxyHttp for TetherProxy {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let reason = failure_reason(e);
-        self.refuse(session, ctx, "upstream", Denial::new(reason, e.to_string()))
-            .await;
+        // A stage that refused while the body streamed (`request_body_filter`)
+        // said why; the error only carries it here.
+        let (stage, denial) = match (&ctx.req.denial, ctx.req.denied_by) {
+            (Some(denial), Some(stage)) => (stage, denial.clone()),
+            _ => ("upstream", Denial::new(failure_reason(e), e.to_string())),
+        };
+        let reason = denial.reason;
+        self.refuse(session, ctx, stage, denial).await;
         FailToProxy {
             error_code: reason.status(),
             can_reuse_downstream: false,
@@ -585,6 +611,12 @@ fn failure_reason(e: &Error) -> Reason {
         (ErrorSource::Downstream, InvalidHTTPHeader | H1Error | H2Error | InvalidH2) => {
             Reason::BadRequest
         }
+        // A chunked body that breaks its framing (a chunk size of `zz`, or
+        // one that overflows): malformed, not a client that went away.
+        // pingora names these errors but does not export their types.
+        (ErrorSource::Downstream, Custom("InvalidChunk" | "InvalidTrailerEnd")) => {
+            Reason::BadRequest
+        }
         (ErrorSource::Downstream, _) => Reason::ClientClosed,
         _ => Reason::Internal,
     }
@@ -593,6 +625,26 @@ fn failure_reason(e: &Error) -> Reason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_chunked_body_is_a_bad_request() {
+        let down = |etype| Error::explain(etype, "reading the body").into_down();
+        for (etype, reason) in [
+            (
+                pingora::ErrorType::Custom("InvalidChunk"),
+                Reason::BadRequest,
+            ),
+            (
+                pingora::ErrorType::Custom("InvalidTrailerEnd"),
+                Reason::BadRequest,
+            ),
+            (pingora::ErrorType::InvalidHTTPHeader, Reason::BadRequest),
+            (pingora::ErrorType::ConnectionClosed, Reason::ClientClosed),
+            (pingora::ErrorType::ReadError, Reason::ClientClosed),
+        ] {
+            assert_eq!(failure_reason(&down(etype.clone())), reason, "{etype:?}");
+        }
+    }
 
     #[test]
     fn held_mcp_answers_are_bounded_each_and_together() {
