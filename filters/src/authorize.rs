@@ -478,13 +478,13 @@ pub fn evaluate(snapshot: &Snapshot, input: &DecisionInput) -> Decision {
             errors,
         )
     };
-    let (allowed, policies, errors) = authorize(&engine.slices.get(&agent.uid, &action));
+    let (allowed, policies, errors) = authorize(&engine.slices.get(&agent.uid, &action).set);
     Decision {
         allowed,
         policies,
         errors,
         shadow: engine.shadow_slices.as_ref().map(|slices| {
-            let (allowed, policies, _) = authorize(&slices.get(&agent.uid, &action));
+            let (allowed, policies, _) = authorize(&slices.get(&agent.uid, &action).set);
             ShadowDecision { allowed, policies }
         }),
     }

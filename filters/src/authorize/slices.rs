@@ -17,7 +17,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use cedar_policy::{ActionConstraint, EntityUid, Policy, PolicySet, PrincipalConstraint, Schema};
-use moka::sync::Cache;
+use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::Weighter;
 
 /// Most policy references held in cached slices, summed: bounds memory
 /// even when every slice holds most of a large set.
@@ -36,8 +37,31 @@ pub struct Slices {
     policies: Vec<(Policy, Scope)>,
     /// Each action's ancestors (action groups), from the schema.
     groups: HashMap<EntityUid, HashSet<EntityUid>>,
-    cache: Cache<(EntityUid, EntityUid), Arc<PolicySet>, foldhash::fast::RandomState>,
+    cache: Cache<SliceKey, Arc<Slice>, PolicyRefs, foldhash::fast::RandomState>,
 }
+
+/// A registered agent and a route's action, both the config's.
+type SliceKey = (EntityUid, EntityUid);
+
+/// The policies one (principal, action) can meet, and how many they are:
+/// counted once, where the cache weighs entries on every eviction.
+pub struct Slice {
+    pub set: PolicySet,
+    refs: u64,
+}
+
+/// Weighs a slice by its policies, so the bound is on references held.
+#[derive(Clone)]
+struct PolicyRefs;
+
+impl Weighter<SliceKey, Arc<Slice>> for PolicyRefs {
+    fn weight(&self, _: &SliceKey, slice: &Arc<Slice>) -> u64 {
+        slice.refs
+    }
+}
+
+/// Slices held at most, whatever their weight.
+const MAX_CACHED_SLICES: usize = 65_536;
 
 impl Slices {
     /// Slices of `set`, whose action groups `schema` declares.
@@ -71,25 +95,32 @@ impl Slices {
         Slices {
             policies,
             groups,
-            cache: Cache::builder()
-                .max_capacity(MAX_CACHED_POLICY_REFS)
-                .weigher(|_, set: &Arc<PolicySet>| {
-                    u32::try_from(set.policies().count())
-                        .unwrap_or(u32::MAX)
-                        .max(1)
-                })
-                // Keyed by a registered agent and a route's action, both
-                // the config's: foldhash, where SipHash over the two ids
-                // was half of a lookup.
-                .build_with_hasher(foldhash::fast::RandomState::default()),
+            // Keyed by a registered agent and a route's action, both the
+            // config's: foldhash, where SipHash over the two ids was half
+            // of a lookup.
+            cache: Cache::with(
+                MAX_CACHED_SLICES,
+                MAX_CACHED_POLICY_REFS,
+                PolicyRefs,
+                foldhash::fast::RandomState::default(),
+                DefaultLifecycle::default(),
+            ),
         }
     }
 
     /// The policies that can match `principal` doing `action`.
-    pub fn get(&self, principal: &EntityUid, action: &EntityUid) -> Arc<PolicySet> {
+    pub fn get(&self, principal: &EntityUid, action: &EntityUid) -> Arc<Slice> {
         let key = (principal.clone(), action.clone());
-        self.cache
-            .get_with_by_ref(&key, || Arc::new(self.build(principal, action)))
+        let built = self.cache.get_or_insert_with(&key, || {
+            let set = self.build(principal, action);
+            // Even an empty slice weighs something, so the count bounds it.
+            let refs = (set.policies().count() as u64).max(1);
+            Ok::<_, std::convert::Infallible>(Arc::new(Slice { set, refs }))
+        });
+        match built {
+            Ok(slice) => slice,
+            Err(never) => match never {},
+        }
     }
 
     fn build(&self, principal: &EntityUid, action: &EntityUid) -> PolicySet {
@@ -162,7 +193,7 @@ mod tests {
                 "Action::\"Delete\"",
             ] {
                 let slice = slices.get(&uid(principal), &uid(action));
-                if slice.policies().count() < set.policies().count() {
+                if slice.set.policies().count() < set.policies().count() {
                     smaller += 1;
                 }
                 for resource in [
@@ -181,7 +212,7 @@ mod tests {
                     )
                     .expect("request");
                     let whole = authorizer.is_authorized(&request, &set, &entities);
-                    let sliced = authorizer.is_authorized(&request, &slice, &entities);
+                    let sliced = authorizer.is_authorized(&request, &slice.set, &entities);
                     let facts = |r: &cedar_policy::Response| {
                         let mut reasons: Vec<String> =
                             r.diagnostics().reason().map(|p| p.to_string()).collect();

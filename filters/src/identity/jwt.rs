@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use tether_config::spiffe::SpiffeId;
 use tether_config::{JwtAlgorithm, TokenKind, Tokens};
 
-use moka::sync::Cache;
+use quick_cache::sync::Cache;
 
 use super::jwks::{KeySource, LoadedKeys};
 use crate::context::Delegation;
@@ -60,7 +60,7 @@ struct Verified {
 
 /// Most verified tokens remembered: an agent reuses its token for many
 /// requests, and a signature check costs tens of microseconds.
-const VERIFIED_TOKENS: u64 = 4096;
+const VERIFIED_TOKENS: usize = 4096;
 
 /// One configured issuer and its keys.
 pub struct Issuer {
@@ -158,16 +158,9 @@ impl TokenVerifier {
             max_token_bytes: config.max_token_bytes,
             max_header_bytes: config.max_header_bytes,
             max_depth: config.max_delegation_depth,
-            verified: Cache::builder()
-                .max_capacity(VERIFIED_TOKENS)
-                // A verified token is kept no longer than it may live
-                // (and each hit checks its own times again).
-                .time_to_live(std::time::Duration::from_secs(
-                    config
-                        .max_lifetime_seconds
-                        .clamp(1, tether_config::MAX_TOKEN_LIFETIME_SECONDS),
-                ))
-                .build(),
+            // Bounded by count: each hit checks the token's own times and
+            // keys again, so an entry past its expiry is never believed.
+            verified: Cache::new(VERIFIED_TOKENS),
         }
     }
 
